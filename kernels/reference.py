@@ -1,0 +1,224 @@
+"""NumPy twins of the CUDA kernels: the CPU backend and the definition of what each kernel computes.
+
+Every function here has the signature its CUDA kernel shares (kernels/__init__.py): outputs first,
+then inputs, all of them arrays the caller owns (views into the flat parameter, gradient and
+activation buffers). Nothing is returned except scalars (norms). Everything is float32.
+
+Conventions, the same on both backends:
+- forward functions overwrite their outputs;
+- backward functions overwrite activation gradients (dinp, dqkv ...) except where a gradient
+  flows into the residual stream (layernorm_backward's dinp), which is accumulated (+=), and they
+  accumulate (+=) into parameter gradients, so micro-steps of gradient accumulation add up;
+- shapes: B batch, T time, C channels, NH heads, V vocab, Vp padded vocab (a multiple of 128).
+"""
+import math
+
+import numpy as np
+
+LN_EPS = 1e-5
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+def encoder_forward(out, inp, wte, wpe):
+    """out (B,T,C) = wte[inp] + wpe[:T]; inp (B,T) int32 token ids."""
+    T = inp.shape[1]
+    np.add(wte[inp], wpe[:T], out=out)
+
+
+def encoder_backward(dwte, dwpe, dout, inp):
+    """Accumulate dout (B,T,C) into the rows of dwte that inp used, and into dwpe[:T]."""
+    T = inp.shape[1]
+    dwpe[:T] += dout.sum(axis=0)
+    np.add.at(dwte, inp.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias):
+    """out (B,T,C) = (inp - mean) * rstd * weight + bias; saves mean and rstd (B,T) for backward."""
+    mu = inp.mean(axis=-1)
+    xc = inp - mu[..., None]
+    var = np.mean(xc * xc, axis=-1)        # biased variance, as torch.nn.LayerNorm
+    mean[...] = mu
+    rstd[...] = 1.0 / np.sqrt(var + LN_EPS)
+    np.multiply(xc * rstd[..., None], weight, out=out)
+    out += bias
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    """Accumulate into dinp (the residual stream's gradient), dweight and dbias."""
+    norm = (inp - mean[..., None]) * rstd[..., None]
+    dnorm = dout * weight
+    C = inp.shape[-1]
+    dbias += dout.reshape(-1, C).sum(axis=0)
+    dweight += (dout * norm).reshape(-1, C).sum(axis=0)
+    dinp += (dnorm
+             - dnorm.mean(axis=-1, keepdims=True)
+             - norm * (dnorm * norm).mean(axis=-1, keepdims=True)) * rstd[..., None]
+
+
+def residual_forward(out, inp1, inp2):
+    """out = inp1 + inp2 (the residual connection)."""
+    np.add(inp1, inp2, out=out)
+
+
+def fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bias):
+    """residual = inp1 + inp2, then normed = layernorm(residual): one pass over memory on the GPU."""
+    residual_forward(residual, inp1, inp2)
+    layernorm_forward(normed, mean, rstd, residual, weight, bias)
+
+
+# ----------------------------------------------------------------------------- gelu
+
+def gelu_forward(out, inp):
+    """GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    x = inp
+    np.multiply(0.5 * x, 1.0 + np.tanh(GELU_SCALE * (x + 0.044715 * x * x * x)), out=out)
+
+
+def gelu_backward(dinp, inp, dout):
+    """dinp = gelu'(inp) * dout, with inp the pre-GELU tensor; dinp may be dout itself."""
+    x = inp
+    th = np.tanh(GELU_SCALE * (x + 0.044715 * x * x * x))
+    dth = (1.0 - th * th) * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+    np.multiply(0.5 * (1.0 + th) + 0.5 * x * dth, dout, out=dinp)
+
+
+# ----------------------------------------------------------------------------- matmul
+
+def matmul_forward(out, inp, weight, bias, pre_gelu=None):
+    """out (B,T,OC) = inp (B,T,C) @ weight (OC,C)^T + bias (OC).
+
+    With pre_gelu given (GELU fused into the epilogue), the affine result is saved there and
+    out = gelu(pre_gelu)."""
+    dest = out if pre_gelu is None else pre_gelu
+    np.matmul(inp, weight.T, out=dest)
+    if bias is not None:
+        dest += bias
+    if pre_gelu is not None:
+        gelu_forward(out, pre_gelu)
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None):
+    """Overwrite dinp (B,T,C) = dout @ weight; accumulate dweight (OC,C) and dbias (OC).
+
+    With pre_gelu given (the tensor that produced inp through GELU), dinp is carried through
+    GELU's derivative as well, so the caller gets the gradient of the pre-GELU tensor."""
+    OC, C = weight.shape
+    dout2 = dout.reshape(-1, OC)
+    dweight += dout2.T @ inp.reshape(-1, C)
+    if dbias is not None:
+        dbias += dout2.sum(axis=0)
+    np.matmul(dout, weight, out=dinp)
+    if pre_gelu is not None:
+        gelu_backward(dinp, pre_gelu, dinp)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _split_heads(qkv, NH):
+    """qkv (B,T,3C) -> q, k, v each (B,NH,T,HS)."""
+    B, T, C3 = qkv.shape
+    hs = C3 // 3 // NH
+    q, k, v = qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def _causal_scores(q, k):
+    """Scaled scores (B,NH,T,T) with the future masked to -inf."""
+    T, hs = q.shape[-2:]
+    s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(1.0 / math.sqrt(hs))
+    s[..., np.triu(np.ones((T, T), dtype=bool), k=1)] = -np.inf
+    return s
+
+
+def attention_forward(out, lse, qkv):
+    """Causal multi-head self-attention.
+
+    qkv (B,T,3C) holds q, k, v side by side, each split into NH heads of size HS = C/NH;
+    out (B,T,C) is the heads' outputs side by side; lse (B,NH,T) saves each row's
+    log-sum-exp of the scaled scores, all that backward needs to rebuild the probabilities
+    (as flash attention does: no (T,T) matrix is kept)."""
+    B, NH, T = lse.shape
+    q, k, v = _split_heads(qkv, NH)
+    s = _causal_scores(q, k)
+    rowmax = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - rowmax)
+    rowsum = p.sum(axis=-1, keepdims=True)
+    lse[...] = (rowmax + np.log(rowsum))[..., 0]
+    y = (p / rowsum) @ v                                     # (B,NH,T,HS)
+    out[...] = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
+
+
+def attention_backward(dqkv, dout, qkv, out, lse):
+    """Overwrite dqkv (B,T,3C) with the gradient of attention_forward's out."""
+    B, NH, T = lse.shape
+    q, k, v = _split_heads(qkv, NH)
+    hs = q.shape[-1]
+    p = np.exp(_causal_scores(q, k) - lse[..., None])      # the forward's probabilities
+    do = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B,NH,T,HS)
+    o = out.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
+    dv = p.transpose(0, 1, 3, 2) @ do
+    dp = do @ v.transpose(0, 1, 3, 2)
+    # softmax backward: ds = p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = dO . O per row
+    ds = p * (dp - np.sum(do * o, axis=-1, keepdims=True))
+    ds *= np.float32(1.0 / math.sqrt(hs))
+    dq = ds @ k
+    dk = ds.transpose(0, 1, 3, 2) @ q
+    dqkv[...] = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, -1)
+
+
+# ----------------------------------------------------------------------------- classifier
+
+def fused_classifier(logits, losses, targets, vocab_size, dloss, write_dlogits):
+    """Softmax + cross-entropy (+ its backward) over logits (B,T,Vp), never storing probabilities.
+
+    Only the first vocab_size columns are real tokens; the padding columns take no part in the
+    softmax. losses (B,T) gets each token's loss. With write_dlogits, the logits are overwritten
+    by d(loss)/d(logits) where each token's loss is weighted by dloss (1/(B*T*grad_accum_steps)
+    for the mean over a whole batch); padding columns get 0."""
+    real = logits[..., :vocab_size]
+    rowmax = real.max(axis=-1, keepdims=True)
+    e = np.exp(real - rowmax)
+    rowsum = e.sum(axis=-1, keepdims=True)
+    target_logit = np.take_along_axis(real, targets[..., None], axis=-1)
+    losses[...] = (rowmax + np.log(rowsum) - target_logit)[..., 0]
+    if write_dlogits:
+        e /= rowsum                                          # probabilities, one row-block at a time
+        np.put_along_axis(e, targets[..., None], np.take_along_axis(e, targets[..., None], axis=-1) - 1.0, axis=-1)
+        np.multiply(e, np.float32(dloss), out=real)
+        logits[..., vocab_size:] = 0.0
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def global_norm(grads):
+    """sqrt(sum(g^2)) over a flat gradient buffer, accumulated in float64 (fixed order)."""
+    g = grads.astype(np.float64, copy=False)
+    return float(math.sqrt(np.dot(g, g)))
+
+
+def clip_scale(norm, max_norm):
+    """The factor the gradients are multiplied by in the update: llm.c's rule, no epsilon."""
+    return max_norm / norm if norm > max_norm else 1.0
+
+
+def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed):
+    """One AdamW step over a slice of the flat buffers (one parameter tensor, or a rank's shard).
+
+    grad = grads * grad_scale (the clip); m, v are the fp32 moments; t = step + 1 is the bias
+    correction's count; weight decay is decoupled (param -= lr * wd * param), and the caller
+    passes 0 for tensors that take none (biases, layernorms). master holds the fp32 copy of
+    bf16 params on the GPU; here params are already fp32, so it is None, and seed (stochastic
+    rounding into bf16) has nothing to round."""
+    assert master is None, "the NumPy backend keeps fp32 params: no master copy"
+    g = grads * np.float32(grad_scale)
+    m *= beta1
+    m += (1.0 - beta1) * g
+    v *= beta2
+    v += (1.0 - beta2) * (g * g)
+    m_hat = m / np.float32(1.0 - beta1 ** t)
+    v_hat = v / np.float32(1.0 - beta2 ** t)
+    params -= np.float32(lr) * (m_hat / (np.sqrt(v_hat) + np.float32(eps)) + np.float32(weight_decay) * params)

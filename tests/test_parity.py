@@ -1,0 +1,175 @@
+"""The NumPy GPT-2 (train_gpt2.py over kernels/reference.py) against the PyTorch reference in dev/.
+
+For each config the reference writes a model file and a debug state (inputs, logits, loss, every
+gradient), as llm.c's test does; train_gpt2.py loads the model, runs forward and backward on the
+same batch and must reproduce all of it, then ten AdamW steps must give the reference's losses."""
+import copy
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt2 as gpt
+from fileformats import num_parameters, param_shapes, read_debug_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
+import torch_gpt2 as ref  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ADAMW_STEPS, ADAMW_LR, ADAMW_WD = 10, 1e-3, 0.1
+
+CONFIGS = {
+    # two layers and two heads at T = maxT
+    "L2-NH2-C128-T64": dict(layers=2, heads=2, channels=128, max_seq_len=64, B=4, T=64),
+    # three layers, head size 32, a T that is no multiple of 64 and below the model's maxT
+    "L3-NH3-C96-T37": dict(layers=3, heads=3, channels=96, max_seq_len=48, B=3, T=37),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def case(request, tmp_path_factory):
+    """The reference's files and ten-step losses for one config, and our model loaded from its file."""
+    c = CONFIGS[request.param]
+    config = ref.Config(num_layers=c["layers"], num_heads=c["heads"], channels=c["channels"],
+                        max_seq_len=c["max_seq_len"])
+    torch_model = ref.init_llmc(ref.GPT2(config), seed=42)
+    tokens = torch.randint(0, config.vocab_size, (c["B"] * c["T"] + 1,), generator=torch.Generator().manual_seed(7))
+    x, y = tokens[:-1].view(c["B"], c["T"]), tokens[1:].view(c["B"], c["T"])
+    out = tmp_path_factory.mktemp(request.param)
+    ref.write_model(out / "model.bin", torch_model)
+    ref.write_model(out / "model_bf16.bin", torch_model, version=5)
+    ref.write_debug_state(out / "debug.bin", torch_model, x, y)
+    torch_losses = ref.adamw_losses(copy.deepcopy(torch_model), x, y, ADAMW_STEPS, ADAMW_LR, ADAMW_WD)
+
+    ours_config, params = gpt.load_params(out / "model.bin")
+    debug = read_debug_state(out / "debug.bin", ours_config.vocab_size, num_parameters(ours_config))
+    return dict(dir=out, config=ours_config, params=params, debug=debug, torch_losses=torch_losses,
+                torch_model=torch_model, B=c["B"], T=c["T"])
+
+
+def fresh_model(case):
+    return gpt.GPT2(case["config"], case["params"].copy(), case["B"], case["T"])
+
+
+def rel_err(ours, theirs):
+    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+
+
+def test_logits_and_loss_match_pytorch(case):
+    model, debug = fresh_model(case), case["debug"]
+    gpt.forward(model, debug.x)
+    logits = model.a["logits"][..., :case["config"].vocab_size]
+    # every logit within 1e-5 of the largest logit's magnitude
+    assert np.max(np.abs(logits - debug.logits)) <= 1e-5 * np.max(np.abs(debug.logits))
+    loss = gpt.backward(model, debug.x, debug.y)
+    assert abs(loss - debug.loss) <= 1e-5 * debug.loss
+
+
+def test_every_gradient_tensor_matches_pytorch(case):
+    model, debug = fresh_model(case), case["debug"]
+    gpt.forward(model, debug.x)
+    gpt.backward(model, debug.x, debug.y)
+    ours = gpt.carve(model.grads, param_shapes(case["config"]))
+    theirs = gpt.carve(debug.grads, param_shapes(case["config"]))
+    errors = {name: rel_err(ours[name], theirs[name]) for name in ours}
+    assert len(errors) == 16
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_ten_adamw_steps_match_pytorch_losses(case):
+    model, debug = fresh_model(case), case["debug"]
+    losses = []
+    for step in range(ADAMW_STEPS):
+        gpt.zero_grad(model)
+        gpt.forward(model, debug.x)
+        losses.append(gpt.backward(model, debug.x, debug.y))
+        gpt.update(model, ADAMW_LR, ADAMW_WD, step)
+    np.testing.assert_allclose(losses, case["torch_losses"], rtol=0, atol=1e-5)
+    assert losses[-1] < losses[0] - 0.5  # the steps really moved the model
+
+
+def test_gradient_accumulation_adds_micro_steps(case):
+    """Two micro-steps at grad_accum_steps=2 over the same batch give one full step's gradient."""
+    model, debug = fresh_model(case), case["debug"]
+    gpt.forward(model, debug.x)
+    gpt.backward(model, debug.x, debug.y)
+    once = model.grads.copy()
+    gpt.zero_grad(model)
+    for _ in range(2):
+        gpt.forward(model, debug.x)
+        gpt.backward(model, debug.x, debug.y, grad_accum_steps=2)
+    np.testing.assert_allclose(model.grads, once, rtol=1e-5, atol=1e-9)
+
+
+def test_fresh_init_is_the_pytorch_reference_init(case):
+    """init_params replays torch's mt19937 + normal_ stream in llm.c's order: the same weights up
+    to the last bits of float32 log/sin/cos, which torch takes from Sleef (a few ulps, 1e-8 here);
+    a wrong stream or order would differ by the weights' own size (0.02)."""
+    ours = gpt.init_params(case["config"], seed=42)
+    np.testing.assert_allclose(ours, case["params"], rtol=0, atol=1e-7)
+    assert not np.array_equal(gpt.init_params(case["config"], seed=43), ours)
+
+
+def test_bf16_checkpoint_loads_as_the_reference_bf16_values(case):
+    config, params = gpt.load_params(case["dir"] / "model_bf16.bin")
+    assert config == case["config"]
+    expected = torch.from_numpy(case["params"]).to(torch.bfloat16).to(torch.float32).numpy()
+    np.testing.assert_array_equal(params, expected)
+
+
+def test_saved_model_reloads_bit_exact(case, tmp_path):
+    model = fresh_model(case)
+    gpt.save_model(model, tmp_path / "model.bin")
+    config, params = gpt.load_params(tmp_path / "model.bin")
+    assert config == case["config"]
+    np.testing.assert_array_equal(params, model.params)
+
+
+@pytest.mark.parametrize("descriptor,layers,channels,heads", [
+    ("d12", 12, 768, 12), ("gpt2:d24", 24, 1024, 16), ("d36", 36, 1280, 20), ("d48", 48, 1600, 25),
+    ("d6", 6, 384, 6), ("d2", 2, 128, 2), ("d5", 5, 320, 5)])
+def test_descriptors_follow_llmc(descriptor, layers, channels, heads):
+    config = gpt.config_from_descriptor(descriptor)
+    assert (config.num_layers, config.channels, config.num_heads) == (layers, channels, heads)
+    assert (config.max_seq_len, config.vocab_size, config.padded_vocab_size) == (1024, 50257, 50304)
+
+
+def test_gpt2_124m_has_llmc_parameter_count():
+    assert num_parameters(gpt.config_from_descriptor("d12")) == 124_475_904
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "train_gpt2.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_learns_and_writes_a_checkpoint_that_reloads(tmp_path):
+    result = run_cli("-e", "d1", "-b", "2", "-t", "16", "-x", "8", "-l", "1e-3", "-o", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in result.stdout.splitlines()
+              if line.startswith("step")]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 1.0
+    config, params = gpt.load_params(tmp_path / "run" / "model_00000008.bin")
+    assert config == gpt.config_from_descriptor("d1") and np.all(np.isfinite(params))
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["-e", "missing.bin"], "missing.bin"),
+    (["-e", "bad.bin"], "bad.bin"),
+    (["-e", "q12"], "q12"),
+    (["-e", "d1", "-t", "2048"], "-t 2048"),
+    (["-e", "d1", "-b", "0"], "-b 0"),
+    (["-e", "d1", "-b", "four"], "-b"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, expected):
+    (tmp_path / "bad.bin").write_bytes(b"\0" * 2000)
+    result = run_cli(*args, "-x", "1", cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert result.stdout == ""
