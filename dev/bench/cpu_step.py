@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "dev")]
 import torch_gpt2 as ref  # noqa: E402
 import train_gpt2 as gpt  # noqa: E402
+from fileformats import atomic_write  # noqa: E402
 
 
 def median_seconds(fn, repeats):
@@ -86,7 +87,8 @@ def main():
           f"ratio (ours / torch time) {record['ratio_ours_over_torch']:.3f}")
     os.makedirs(args.o, exist_ok=True)
     path = Path(args.o) / f"cpu_step_{args.e}_b{args.b}_t{args.t}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_write(path) as f:
+        f.write((json.dumps(record, indent=2) + "\n").encode())
     print(f"wrote {path}")
 
 
