@@ -4,7 +4,6 @@ For each config the reference writes a model file and a debug state (inputs, log
 gradient), as llm.c's test does; train_gpt2.py loads the model, runs forward and backward on the
 same batch and must reproduce all of it, then ten AdamW steps must give the reference's losses."""
 import copy
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -136,10 +135,6 @@ def test_descriptors_follow_llmc(descriptor, layers, channels, heads):
     config = gpt.config_from_descriptor(descriptor)
     assert (config.num_layers, config.channels, config.num_heads) == (layers, channels, heads)
     assert (config.max_seq_len, config.vocab_size, config.padded_vocab_size) == (1024, 50257, 50304)
-
-
-def test_gpt2_124m_has_llmc_parameter_count():
-    assert num_parameters(gpt.config_from_descriptor("d12")) == 124_475_904
 
 
 def run_cli(*args, cwd):
