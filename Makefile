@@ -19,9 +19,12 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 
 setup: $(VENV)/.runtime
 
-# a fresh 4-layer GPT-2 learns one fixed batch on the NumPy backend, then saves its checkpoint
+# Tiny Shakespeare (built offline when the web is out of reach), then a fresh 2-layer GPT-2 trained on
+# it from scratch: falling loss, val loss, a checkpoint in log_demo/ and a sample at the end
 demo: $(VENV)/.runtime
-	$(PY) train_gpt2.py -e d4 -b 4 -t 64 -x 30 -l 1e-3 -o log_demo
+	$(PY) -m prepro.tinyshakespeare
+	rm -rf log_demo
+	$(PY) train_gpt2.py -e d2 -b 8 -t 64 -x 200 -l 2e-3 -u 10 -v 50 -m 16 -s 100 -g 64 -n 200 -o log_demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q

@@ -228,10 +228,20 @@ class OptimizerState:
     m: np.ndarray                 # (shard_size,) fp32 AdamW first moment
     v: np.ndarray                 # (shard_size,) fp32 second moment
     master: np.ndarray | None     # (shard_size,) fp32 master weights, if kept
-    loader_tail: bytes = b""      # the data loader's own blob, stored only when shuffling
+    # our trailer (llm.c puts its loader's permutations here; ours are counter-based, so the epoch
+    # is the loader's whole RNG state), and the outlier detectors' windows, so that a resumed run
+    # z-scores and skips exactly as the straight run would
+    epoch: int = 0
+    loss_window: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # float64
+    norm_window: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # float64
 
 
 STATE_U64_SLOTS = {"rng_state": 20, "rng_state_last_update": 22, "shard_index": 30, "sample_index": 32}
+# our trailer, fixed size: int64 [magic, epoch, len(loss_window), len(norm_window)], then each window
+# as WINDOW_SLOTS float64 (llm.c's outlier window is 128 values), zero-padded
+STATE_TRAILER_MAGIC = 20261122
+WINDOW_SLOTS = 128
+TRAILER_PARTS = [("<i8", 4), ("<f8", 2 * WINDOW_SLOTS)]
 
 
 def write_state(path, state):
@@ -240,17 +250,22 @@ def write_state(path, state):
     arrays = [state.m, state.v] + ([state.master] if state.use_master_weights else [])
     if np.ndim(state.m) != 1 or any(np.shape(a) != np.shape(state.m) for a in arrays):
         raise ValueError(f"m, v and master must be 1-D of one length, got {[np.shape(a) for a in arrays]}")
-    if state.loader_tail and not state.shuffle:
-        raise ValueError("loader_tail is only stored when shuffle is set")
+    if max(len(state.loss_window), len(state.norm_window)) > WINDOW_SLOTS:
+        raise ValueError(f"outlier windows hold at most {WINDOW_SLOTS} values")
     header = _header(STATE_MAGIC, 1, state.num_processes, state.rank, state.use_master_weights, state.shuffle)
     header[10] = state.step
     for name, slot in STATE_U64_SLOTS.items():
         _u64(header, slot)[0] = getattr(state, name)
+    trailer = np.array([STATE_TRAILER_MAGIC, state.epoch, len(state.loss_window), len(state.norm_window)], "<i8")
+    windows = np.zeros((2, WINDOW_SLOTS))
+    windows[0, :len(state.loss_window)] = state.loss_window
+    windows[1, :len(state.norm_window)] = state.norm_window
     with atomic_write(path) as f:
         _write(f, header)
         for array in arrays:
             _write(f, array, "<f4")
-        f.write(state.loader_tail)
+        _write(f, trailer)
+        _write(f, windows, "<f8")
 
 
 def read_state(path, shard_size):
@@ -261,13 +276,20 @@ def read_state(path, shard_size):
         raise FormatError(path, f"bad header: num_processes={num_processes} rank={rank} use_master_weights={master} "
                                 f"shuffle={shuffle} step={step}")
     parts = [("<f4", shard_size)] * (3 if master else 2)
-    note = f"for m, v{', master' if master else ''} of {shard_size} values each{' + loader tail' if shuffle else ''}"
-    _check_size(path, size, parts, note, at_least=bool(shuffle))
-    arrays, tail = _read_payload(path, parts)
+    note = f"for m, v{', master' if master else ''} of {shard_size} values each, then our trailer"
+    _check_size(path, size, parts + TRAILER_PARTS, note)
+    (*arrays, trailer, windows), _ = _read_payload(path, parts + TRAILER_PARTS)
+    magic, epoch, n_loss, n_norm = trailer.tolist()
+    if magic != STATE_TRAILER_MAGIC:
+        raise FormatError(path, f"trailer magic {magic}, expected {STATE_TRAILER_MAGIC} (a state file not written "
+                                f"by train_gpt2.py, e.g. llm.c's, cannot be resumed here)")
+    if epoch < 0 or not 0 <= n_loss <= WINDOW_SLOTS or not 0 <= n_norm <= WINDOW_SLOTS:
+        raise FormatError(path, f"bad trailer: epoch={epoch}, windows of {n_loss} and {n_norm} values")
     return OptimizerState(
         num_processes=num_processes, rank=rank, use_master_weights=bool(master), shuffle=bool(shuffle), step=step,
         **{name: int(_u64(header, slot)[0]) for name, slot in STATE_U64_SLOTS.items()},
-        m=arrays[0], v=arrays[1], master=arrays[2] if master else None, loader_tail=tail)
+        m=arrays[0], v=arrays[1], master=arrays[2] if master else None,
+        epoch=epoch, loss_window=windows[:n_loss], norm_window=windows[WINDOW_SLOTS:WINDOW_SLOTS + n_norm])
 
 
 # ----------------------------------------------------------------------------

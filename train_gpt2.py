@@ -6,31 +6,46 @@ moments. Every tensor is a view into those buffers; nothing is allocated per ste
 temporaries inside a kernel.
 
 Each layer is a kernel call: kernels/reference.py holds the NumPy twins (fp32, the CPU backend),
-with the signatures the CUDA kernels share.
+with the signatures the CUDA kernels share. The flags are llm.c's (see --help).
 
-    python train_gpt2.py -e d4 -b 4 -t 64 -x 40       # overfit one batch with a fresh 4-layer model
+    python -m prepro.tinyshakespeare                        # the default data, and data/gpt2_tokenizer.bin
+    python train_gpt2.py -e d6 -b 4 -t 128 -x 200 -n 100 -o log_d6     # a fresh 6-layer GPT-2
+    python train_gpt2.py -e d6 -b 4 -t 128 -x 400 -n 100 -o log_d6 -y 1  # go on from its last checkpoint
 """
-import argparse
+import codecs
 import math
 import os
+import re
+import resource
+import signal
 import sys
 import time
 
 import numpy as np
 
-from fileformats import FormatError, GPT2Config, num_parameters, param_shapes, read_model, write_model
+from cli import ArgumentParser, fail
+from dataloader import DataLoader
+from fileformats import (FormatError, GPT2Config, OptimizerState, atomic_write, num_parameters, param_shapes,
+                         read_hellaswag, read_model, read_state, read_tokenizer, write_model, write_state)
 from kernels import reference as K  # the backend: the NumPy twins
 
 # ----------------------------------------------------------------------------- configuration
 
 GPT2_MAX_SEQ_LEN = 1024
 GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = 50256  # <|endoftext|>: precedes every document, and starts every sample
 GPT2_PADDED_VOCAB_SIZE = 50304  # 50257 rounded up to a multiple of 128, for the matmuls
 GPT2_WIDTHS = {6: (384, 6), 12: (768, 12), 24: (1024, 16), 36: (1280, 20), 48: (1600, 25)}  # depth: (C, NH)
 
 ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS = 0.9, 0.95, 1e-8
 GRAD_CLIP = 1.0
 DECAYED = ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw")  # weight decay on 2-D weights only
+OUTLIER_WINDOW = 128  # the loss and grad-norm z-scores look this many steps back
+
+TRAIN_DATA = "data/tinyshakespeare/tiny_shakespeare_train.bin"  # written by python -m prepro.tinyshakespeare
+VAL_DATA = "data/tinyshakespeare/tiny_shakespeare_val.bin"
+TOKENIZER = "data/gpt2_tokenizer.bin"                           # decodes the samples
+HELLASWAG = "data/hellaswag/hellaswag_val.bin"                  # llm.c's dev/data/hellaswag.py writes this format
 
 
 def config_from_descriptor(descriptor):
@@ -101,11 +116,21 @@ class GPT2:
         self.v = np.zeros_like(params)
         self.p = carve(self.params, shapes)
         self.g = carve(self.grads, shapes)
-        act_shapes = activation_shapes(config, B, T)
-        self.acts_memory = np.zeros(layout(act_shapes)[1], dtype=np.float32)
-        self.a = carve(self.acts_memory, act_shapes)
+        self.acts_memory = np.zeros(layout(activation_shapes(config, B, T))[1], dtype=np.float32)
+        self._acts = {}
+        self.a = self.acts(B, T)
         # parameter name -> its slice of the flat buffers, for the per-tensor update
         self.slices = {name: sl for name, (sl, _) in layout(shapes)[0].items()}
+
+    def acts(self, B, T):
+        """The activation views for a (B, T) forward. Every activation scales with B*T, so any
+        smaller batch (sampling, HellaSwag) fits in the buffer laid out for the training batch."""
+        if (B, T) not in self._acts:
+            shapes = activation_shapes(self.config, B, T)
+            size = layout(shapes)[1]
+            assert size <= self.acts_memory.size and T <= self.config.max_seq_len, (B, T)
+            self._acts[B, T] = carve(self.acts_memory[:size], shapes)
+        return self._acts[B, T]
 
 
 # ----------------------------------------------------------------------------- initialisation
@@ -172,8 +197,9 @@ def init_params(config, seed=42):
 # ----------------------------------------------------------------------------- forward
 
 def forward(model, inputs):
-    """inputs (B,T) int32 -> model.a['logits'] (B,T,Vp). Every activation backward needs is kept."""
-    p, a, L = model.p, model.a, model.config.num_layers
+    """inputs (B,T) int32 -> model.acts(B, T)['logits'] (B,T,Vp), keeping every activation backward
+    needs. B*T may be smaller than the training batch's."""
+    p, a, L = model.p, model.acts(*inputs.shape), model.config.num_layers
     K.encoder_forward(a["encoded"], inputs, p["wte"], p["wpe"])
     K.layernorm_forward(a["ln1"][0], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"], p["ln1w"][0], p["ln1b"][0])
     for l in range(L):
@@ -206,8 +232,8 @@ def zero_grad(model):
 def backward(model, inputs, targets, grad_accum_steps=1):
     """Loss of the last forward, and its gradient accumulated into model.grads (each micro-step
     adds its share, 1/grad_accum_steps of a mean over tokens). Returns this micro-step's mean loss."""
-    p, g, a, L = model.p, model.g, model.a, model.config.num_layers
     B, T = inputs.shape
+    p, g, a, L = model.p, model.g, model.acts(B, T), model.config.num_layers
     dloss = 1.0 / (B * T * grad_accum_steps)
     K.fused_classifier(a["logits"], a["losses"], targets, model.config.vocab_size, dloss, write_dlogits=True)
     dlogits, dresidual, dbtc, dbt4c = a["logits"], a["dresidual"], a["dbtc"], a["dbt4c"]
@@ -236,16 +262,107 @@ def backward(model, inputs, targets, grad_accum_steps=1):
 
 # ----------------------------------------------------------------------------- update
 
-def update(model, lr, weight_decay, step):
-    """Clip the gradients to global norm GRAD_CLIP and take one AdamW step (t = step + 1).
-    Returns the norm before clipping."""
-    norm = K.global_norm(model.grads)
-    scale = K.clip_scale(norm, GRAD_CLIP)
+def grad_norm(model):
+    return K.global_norm(model.grads)
+
+
+def update(model, lr, weight_decay, step, grad_scale, seed):
+    """One AdamW step (t = step + 1) on the gradients times grad_scale (the clip), per tensor so
+    that weight decay reaches the 2-D weights only. seed feeds the GPU's stochastic rounding."""
     for name, sl in model.slices.items():
         wd = weight_decay if name in DECAYED else 0.0
         K.adamw(model.params[sl], model.grads[sl], model.m[sl], model.v[sl], None, step + 1, lr,
-                ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, wd, scale, seed=step)
-    return norm
+                ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, wd, grad_scale, seed)
+
+
+def learning_rate(schedule, step, num_steps, max_lr, warmup, final_frac):
+    """llm.c's schedules: linear warmup over `warmup` steps, then cosine or linear decay to
+    max_lr * final_frac at num_steps, or constant, or wsd (constant, then 1 - sqrt decay over the
+    last 20% of the steps)."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    min_lr = max_lr * final_frac
+    if schedule == "cosine":
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (num_steps - warmup))) * (max_lr - min_lr)
+    if schedule == "linear":
+        return max_lr - (step - warmup) / (num_steps - warmup) * (max_lr - min_lr)
+    decay_start = int(0.8 * num_steps)
+    if schedule == "constant" or step < decay_start:
+        return max_lr
+    return min_lr + (1.0 - math.sqrt((step - decay_start) / (num_steps - decay_start))) * (max_lr - min_lr)
+
+
+class OutlierDetector:
+    """z-score of each new value among the last OUTLIER_WINDOW values (itself included), nan until
+    that many have been seen. A spike in loss or grad norm can then skip its update (-sl, -sg)."""
+
+    def __init__(self, window=()):
+        self.window = [float(x) for x in window]
+
+    def update(self, value):
+        self.window.append(float(value))
+        if len(self.window) <= OUTLIER_WINDOW:
+            return math.nan
+        self.window.pop(0)
+        std = np.std(self.window)
+        return 0.0 if std == 0 else (value - np.mean(self.window)) / std
+
+
+def xorshift_u32(state):
+    """llm.c's random_u32 (xorshift*): (next 64-bit state, 32-bit draw)."""
+    state ^= state >> 12
+    state ^= (state << 25) & 0xFFFFFFFFFFFFFFFF
+    state ^= state >> 27
+    return state, ((state * 0x2545F4914F6CDD1D) & 0xFFFFFFFFFFFFFFFF) >> 32
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def token_losses(model, inputs, targets):
+    """Per-token cross-entropy (B,T) of the model on a batch, without touching the gradients."""
+    forward(model, inputs)
+    a = model.acts(*inputs.shape)
+    K.fused_classifier(a["logits"], a["losses"], targets, model.config.vocab_size, 0.0, write_dlogits=False)
+    return a["losses"]
+
+
+def val_loss(model, loader, num_batches):
+    """Mean loss over the first num_batches batches of the (unshuffled) val split."""
+    loader.reset()
+    return sum(float(token_losses(model, *loader.next_batch()).mean()) for _ in range(num_batches)) / num_batches
+
+
+def hellaswag_accuracy(model, examples):
+    """llm.c's HellaSwag: each example's four endings follow its context in four rows; the ending
+    with the lowest mean loss over its own tokens is the model's answer."""
+    correct = 0
+    for ex in examples:
+        rows = [ex.context + ending for ending in ex.endings]
+        T = max(len(row) for row in rows) - 1
+        tokens = np.zeros((4, T + 1), dtype=np.int32)
+        mask = np.zeros((4, T), dtype=bool)  # positions whose target is an ending token
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = row
+            mask[i, len(ex.context) - 1:len(row) - 1] = True
+        losses = token_losses(model, np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:]))
+        mean_losses = (losses * mask).sum(axis=1) / mask.sum(axis=1)
+        correct += int(np.argmin(mean_losses) == ex.label)
+    return correct / len(examples)
+
+
+def sample(model, num_tokens, eot, seed):
+    """Generate after an EOT, one token at a time, each drawn from the full softmax (temperature
+    1); yields the token ids. Attention is causal, so each step runs only the tokens so far."""
+    rng = np.random.default_rng(seed)
+    tokens = np.full((1, num_tokens), eot, dtype=np.int32)
+    V = model.config.vocab_size
+    for t in range(1, num_tokens):
+        forward(model, tokens[:, :t])
+        logits = model.acts(1, t)["logits"][0, t - 1, :V].astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        cdf = np.cumsum(probs / probs.sum())
+        tokens[0, t] = min(int(np.searchsorted(cdf, rng.random(), side="right")), V - 1)
+        yield int(tokens[0, t])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -261,66 +378,304 @@ def save_model(model, path, version=3):
     write_model(path, model.config, model.params, version)
 
 
+def checkpoint_paths(run_dir, step, rank=0):
+    return (os.path.join(run_dir, f"model_{step:08d}.bin"), os.path.join(run_dir, f"state_{step:08d}_{rank:05d}.bin"),
+            os.path.join(run_dir, f"DONE_{step:08d}"))
+
+
+def done_steps(run_dir):
+    """Steps with a complete checkpoint in run_dir, ascending."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return sorted(int(m.group(1)) for m in map(re.compile(r"DONE_(\d{8})$").match, names) if m)
+
+
+def save_checkpoint(run_dir, step, model, state):
+    """model_, state_ and DONE_ for this step. Both files are written in full under temporary names
+    first; then the three names appear with SIGINT/SIGTERM held back, DONE last, so a run stopped
+    at any moment leaves either the whole checkpoint or none of it (only SIGKILL or a power cut
+    can land between two renames: the next run's clean_run_dir removes such an orphan)."""
+    model_path, state_path, done_path = checkpoint_paths(run_dir, step)
+    save_model(model, model_path + ".partial")
+    write_state(state_path + ".partial", state)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        os.replace(model_path + ".partial", model_path)
+        os.replace(state_path + ".partial", state_path)
+        with atomic_write(done_path):
+            pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def remove_checkpoint(run_dir, step):
+    for path in reversed(checkpoint_paths(run_dir, step)):  # DONE first: never a DONE without its files
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def prune_checkpoints(run_dir, keep, major_every):
+    """Keep the newest `keep` checkpoints (0: all), and every one whose step is a multiple of major_every."""
+    if keep > 0:
+        for step in done_steps(run_dir)[:-keep]:
+            if major_every == 0 or step % major_every != 0:
+                remove_checkpoint(run_dir, step)
+
+
+def clean_run_dir(run_dir):
+    """Remove what an interrupted checkpoint left behind: temporary files, and model or state
+    files whose DONE never came."""
+    done = set(done_steps(run_dir))
+    for name in os.listdir(run_dir):
+        m = re.match(r"(model|state)_(\d{8})[._]", name)
+        if name.endswith(".partial") or ".partial.tmp" in name or (m and int(m.group(2)) not in done):
+            os.remove(os.path.join(run_dir, name))
+
+
+class Log:
+    """main.log in llm.c's line format (s:<step> trl:/tel:/eval:). A resumed run first drops the
+    lines of steps it is about to redo, so the log reads as if the run had never stopped."""
+
+    def __init__(self, run_dir, resume_step):
+        self.path = os.path.join(run_dir, "main.log")
+        kept = []
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if (m := re.match(r"s:(\d+) ", line)) and int(m.group(1)) < resume_step]
+        with atomic_write(self.path) as f:
+            f.write("".join(kept).encode())
+        self.file = open(self.path, "a")
+
+    def write(self, line):
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
 # ----------------------------------------------------------------------------- main
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # a bad flag is one line and exit 1, like every other user error
-        fail(f"{message} (see --help)")
-
 
 def parse_args(argv):
     # -h is llm.c's HellaSwag flag, so help is --help only
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    parser.add_argument("--help", action="help", help="show this help and exit")
-    parser.add_argument("-e", default="d12", help="model: a checkpoint .bin (version 3 or 5) or a descriptor dN / gpt2:dN")
-    parser.add_argument("-o", default="", help="output directory for the final checkpoint (none if empty)")
-    parser.add_argument("-b", type=int, default=4, help="micro-batch size B")
-    parser.add_argument("-t", type=int, default=64, help="sequence length T")
-    parser.add_argument("-x", type=int, default=20, help="number of steps")
-    parser.add_argument("-l", type=float, default=3e-4, help="learning rate")
-    parser.add_argument("-c", type=float, default=0.0, help="weight decay (2-D weights only)")
+    add = parser.add_argument
+    add("--help", action="help", help="show this help and exit")
+    add("-i", default=TRAIN_DATA, help="train data: a shard path or glob (default: %(default)s)")
+    add("-j", default=VAL_DATA, help="val data: a shard path or glob (default: %(default)s)")
+    add("-e", default="d12", help="model: a checkpoint .bin (version 3 or 5), or dN / gpt2:dN for a fresh GPT-2 "
+                                  "of depth N; d12 is the 124M model (default: %(default)s)")
+    add("-o", default=None, help="run directory for main.log and checkpoints (default: none)")
+    add("-n", type=int, default=0, help="checkpoint every n steps, and at the end (0: never)")
+    add("-nk", type=int, default=0, help="keep only the last k checkpoints (0: keep all)")
+    add("-nm", type=int, default=0, help="checkpoints at multiples of m are major: never removed by -nk (0: none)")
+    add("-y", type=int, default=0, choices=(0, 1), help="1: resume from the newest complete checkpoint in -o")
+    add("-b", type=int, default=4, help="micro-batch size B (default: %(default)s)")
+    add("-t", type=int, default=1024, help="sequence length T (default: %(default)s)")
+    add("-d", type=int, default=-1, help="total batch in tokens; grad accumulation = d / (B*T*processes) "
+                                         "(-1: B*T*processes, no accumulation)")
+    add("-l", type=float, default=3e-4, help="peak learning rate (default: %(default)s)")
+    add("-k", default="cosine", choices=("cosine", "linear", "constant", "wsd"), help="learning rate schedule")
+    add("-u", type=int, default=0, help="learning rate warmup steps (default: 0)")
+    add("-q", type=float, default=1.0, help="final learning rate as a fraction of -l (default: 1.0, no decay)")
+    add("-c", type=float, default=0.0, help="weight decay, on 2-D weights only (default: 0)")
+    add("-sl", type=float, default=0.0, help="skip the update when the loss z-score exceeds this (0: off)")
+    add("-sg", type=float, default=0.0, help="skip the update when the grad-norm z-score exceeds this (0: off)")
+    add("-x", type=int, default=-1, help="steps to train (-1: one epoch of -i)")
+    add("-v", type=int, default=20, help="val loss every v steps, and at the end (0: never)")
+    add("-m", type=int, default=20, help="val batches per val loss (-1: the whole val split)")
+    add("-s", type=int, default=20, help="sample from the model every s steps, and at the end (0: never)")
+    add("-g", type=int, default=64, help="tokens per sample, the first being EOT (default: %(default)s)")
+    add("-h", type=int, default=0, choices=(0, 1), help=f"1: HellaSwag accuracy with the val loss ({HELLASWAG})")
+    add("-a", type=int, default=0, choices=(0, 1), help="1: overfit the first batch (no shuffling)")
+    add("-w", type=int, default=1, choices=(0, 1), help="keep fp32 master weights (GPU; the CPU is fp32 already)")
+    add("-ge", type=int, default=-1, choices=(-1, 0, 1, 2), help="GELU fusion (GPU): 0 none, 1 forward, "
+                                                                "2 forward+backward (-1: 2 on sm90 and newer, else 0)")
+    add("-z", type=int, default=0, choices=(0, 1), help="ZeRO stage: 1 shards the AdamW state across processes")
+    add("-r", type=int, default=1, choices=(0, 1, 2), help="recompute in backward (GPU): 0 none, 1 GELU, "
+                                                           "2 GELU and layernorm")
+    add("-pn", type=int, default=1, help="number of processes (default: 1)")
+    add("-pr", type=int, default=0, help="this process's rank (default: 0)")
+    add("-pg", type=int, default=8, help="GPUs per node (default: 8)")
+    add("-pi", default="env", choices=("tcp", "fs", "env"), help="how processes find each other (default: env)")
+    add("-ps", default="", help="server address, for -pi tcp")
+    add("-pf", default="/tmp", help="shared directory, for -pi fs (default: /tmp)")
     return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Every value and combination the flags alone can get wrong, before a file is touched."""
+    rules = [
+        (args.b > 0, f"-b {args.b}: the micro-batch size must be positive"),
+        (args.t > 0, f"-t {args.t}: the sequence length must be positive"),
+        (args.pn > 0 and 0 <= args.pr < args.pn, f"-pn {args.pn} -pr {args.pr}: need 0 <= rank < processes"),
+        (args.pn == 1, f"-pn {args.pn}: several processes need the CUDA backend and NCCL, which this build lacks"),
+        (args.d == -1 or (args.d > 0 and args.d % (args.b * args.t * args.pn) == 0),
+         f"-d {args.d}: the total batch must be a multiple of B*T*processes = {args.b * args.t * args.pn}"),
+        (args.x == -1 or args.x > 0, f"-x {args.x}: steps must be positive, or -1 for one epoch"),
+        (args.l >= 0 and args.c >= 0 and args.u >= 0, f"-l {args.l} -c {args.c} -u {args.u}: must not be negative"),
+        (0 <= args.q <= 1, f"-q {args.q}: the final learning rate fraction must be in [0, 1]"),
+        (args.sl >= 0 and args.sg >= 0, f"-sl {args.sl} -sg {args.sg}: z-score thresholds must not be negative"),
+        (min(args.v, args.s, args.n, args.nk, args.nm) >= 0, "-v, -s, -n, -nk and -nm must not be negative"),
+        (args.m == -1 or args.m > 0, f"-m {args.m}: val batches must be positive, or -1 for the whole split"),
+        (args.s == 0 or 1 < args.g <= min(GPT2_MAX_SEQ_LEN, args.b * args.t),
+         f"-g {args.g}: tokens to sample must be in 2..{min(GPT2_MAX_SEQ_LEN, args.b * args.t)} (min(1024, B*T))"),
+        (args.o is not None or (args.n == 0 and args.y == 0), "-n and -y 1 need a run directory: give -o DIR"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            fail(message)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
+    B, T, rank, nproc = args.b, args.t, args.pr, args.pn
+    tokens_per_step = args.d if args.d != -1 else B * T * nproc
+    grad_accum_steps = tokens_per_step // (B * T * nproc)
+
+    # everything that reads a file, before anything is written
+    resume_step = None
+    if args.o is not None and os.path.isdir(args.o):
+        clean_run_dir(args.o)
+        steps = done_steps(args.o)
+        if steps and not args.y:
+            fail(f"-o {args.o} already holds checkpoints (up to step {steps[-1]}): resume with -y 1, "
+                 f"or give another run directory")
+        resume_step = steps[-1] if steps and args.y else None
     try:
-        if args.e.endswith(".bin"):
+        if resume_step is not None:
+            model_path, state_path, _ = checkpoint_paths(args.o, resume_step, rank)
+            config, params = load_params(model_path)
+            state = read_state(state_path, params.size)
+        elif args.e.endswith(".bin"):
             config, params = load_params(args.e)
         else:
             config = config_from_descriptor(args.e)
             params = init_params(config)
+        if T > config.max_seq_len:
+            fail(f"-t {T}: above the model's maximum sequence length {config.max_seq_len}")
+        train_loader = DataLoader(args.i, B, T, config.vocab_size, rank, nproc, shuffle=not args.a)
+        val_loader = DataLoader(args.j, B, T, config.vocab_size, rank, nproc) if args.v else None
+        hellaswag = read_hellaswag(HELLASWAG) if args.h else None
+        tokenizer = read_tokenizer(TOKENIZER)[0] if args.s and os.path.exists(TOKENIZER) else None
     except (FormatError, ValueError) as e:
         fail(str(e))
-    B, T = args.b, args.t
-    if B <= 0 or T <= 0 or T > config.max_seq_len:
-        fail(f"-b {B} -t {T}: need B > 0 and 0 < T <= {config.max_seq_len} (the model's max sequence length)")
+    if hellaswag and 4 * (max(len(ex.context) + max(map(len, ex.endings)) for ex in hellaswag) - 1) > B * T:
+        fail(f"-h 1: the longest HellaSwag example does not fit in B*T = {B * T} tokens: raise -b or -t")
+    num_steps = args.x if args.x != -1 else train_loader.num_tokens // tokens_per_step
+    if num_steps == 0:
+        fail(f"-i {args.i}: {train_loader.num_tokens} tokens, less than one step of {tokens_per_step}: set -x")
+    val_batches = 0
+    if val_loader:
+        val_batches = val_loader.num_batches if args.m == -1 else min(args.m, val_loader.num_batches)
+
     model = GPT2(config, params, B, T)
-    print(f"model: L={config.num_layers} NH={config.num_heads} C={config.channels} "
-          f"parameters={num_parameters(config):,} | backend: NumPy (fp32) | B={B} T={T}")
-    # one fixed batch of random tokens: learning it proves forward, backward and update agree
-    tokens = np.random.default_rng(42).integers(0, config.vocab_size, size=(B, T + 1), dtype=np.int32)
-    inputs, targets = np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
-    for step in range(args.x):
-        t0 = time.perf_counter()
-        zero_grad(model)
-        forward(model, inputs)
-        loss = backward(model, inputs, targets)
-        norm = update(model, args.l, args.c, step)
-        ms = 1000 * (time.perf_counter() - t0)
-        print(f"step {step + 1:4d}/{args.x} | loss {loss:.6f} | norm {norm:.4f} | lr {args.l:.2e} "
-              f"| {ms:.2f} ms | {B * T / ms * 1000:.0f} tok/s")
-    if args.o:
+    step = 0
+    rng_state = 13371337 + rank  # llm.c's start: one draw per update seeds the GPU's stochastic rounding
+    loss_detector, norm_detector = OutlierDetector(), OutlierDetector()
+    if resume_step is not None:
+        model.m[:], model.v[:] = state.m, state.v
+        step, rng_state = state.step, state.rng_state
+        loss_detector, norm_detector = OutlierDetector(state.loss_window), OutlierDetector(state.norm_window)
+        try:
+            train_loader.restore(state.epoch, state.shard_index, state.sample_index)
+        except ValueError as e:
+            fail(f"{state_path}: {e}")
+
+    print(f"backend: NumPy (fp32, CPU) | model: L={config.num_layers} NH={config.num_heads} C={config.channels} "
+          f"maxT={config.max_seq_len} V={config.vocab_size} (padded {config.padded_vocab_size}) "
+          f"| parameters: {num_parameters(config):,}")
+    print(f"train: {args.i} ({train_loader.num_tokens:,} tokens in {len(train_loader.files)} shard(s)"
+          f"{', shuffled' if train_loader.shuffle else ''}) | val: "
+          + (f"{args.j} ({val_batches} batches every {args.v} steps)" if val_loader else "off"))
+    print(f"batch: B={B} T={T} | {tokens_per_step:,} tokens per step, grad accumulation {grad_accum_steps} "
+          f"| {num_steps} steps | lr {args.l:g} {args.k}, warmup {args.u}, final fraction {args.q:g} | wd {args.c:g}")
+    mib = 4 / 2**20
+    print(f"memory: parameters {model.params.size * mib:.1f} MiB, gradients {model.grads.size * mib:.1f} MiB, "
+          f"AdamW m+v {2 * model.m.size * mib:.1f} MiB, activations {model.acts_memory.size * mib:.1f} MiB "
+          f"| peak host memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.m != -1 and val_loader and args.m > val_batches:
+        print(f"-m {args.m}: the val split holds {val_batches} batches of B*T, so val loss uses those")
+    if args.s and tokenizer is None:
+        print(f"no tokenizer at {TOKENIZER} (python -m prepro.gpt2_tokenizer writes it): samples print as token ids")
+    if resume_step is not None:
+        print(f"resuming from {model_path} at step {resume_step}")
+    elif args.y:
+        print(f"-y 1: no checkpoint in {args.o} yet, starting from scratch")
+
+    log = None
+    if args.o is not None:
         os.makedirs(args.o, exist_ok=True)
-        path = os.path.join(args.o, f"model_{args.x:08d}.bin")
-        save_model(model, path)
-        print(f"wrote {path}")
+        log = Log(args.o, resume_step if resume_step is not None else 0)
+        print(f"run directory: {args.o}")
+
+    ema_tok_s, timed_s, timed_steps = 0.0, 0.0, 0
+    for step in range(step, num_steps + 1):
+        last_step = step == num_steps
+        if val_loader and (step % args.v == 0 or last_step):
+            loss = val_loss(model, val_loader, val_batches)
+            print(f"val loss {loss:.6f}")
+            if log:
+                log.write(f"s:{step} tel:{loss:.4f}")
+        if hellaswag and ((step > 0 and args.v and step % args.v == 0) or last_step):
+            accuracy = hellaswag_accuracy(model, hellaswag)
+            print(f"HellaSwag: {accuracy:.4f} of {len(hellaswag)}")
+            if log:
+                log.write(f"s:{step} eval:{accuracy:.4f}")
+        if args.s and ((step > 0 and step % args.s == 0) or last_step):
+            print("generating:\n---")
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            for token in sample(model, args.g, GPT2_EOT, seed=(1337, step)):
+                print(decoder.decode(tokenizer[token]) if tokenizer else f"{token} ", end="", flush=True)
+            print("\n---")
+        if args.n and step != resume_step and ((step > 0 and step % args.n == 0) or last_step):
+            save_checkpoint(args.o, step, model, OptimizerState(
+                num_processes=nproc, rank=rank, use_master_weights=False, shuffle=train_loader.shuffle, step=step,
+                rng_state=rng_state, rng_state_last_update=rng_state, shard_index=train_loader.shard_index,
+                sample_index=train_loader.sample_index, m=model.m, v=model.v, master=None,
+                epoch=train_loader.epoch, loss_window=loss_detector.window, norm_window=norm_detector.window))
+            prune_checkpoints(args.o, args.nk, args.nm)
+        if last_step:
+            break
+
+        t0 = time.perf_counter()
+        if args.a:
+            train_loader.reset()
+        zero_grad(model)
+        loss = 0.0
+        for _ in range(grad_accum_steps):
+            inputs, targets = train_loader.next_batch()
+            forward(model, inputs)
+            loss += backward(model, inputs, targets, grad_accum_steps) / grad_accum_steps
+        zloss = loss_detector.update(loss)
+        lr = learning_rate(args.k, step, num_steps, args.l, args.u, args.q)
+        norm = grad_norm(model)
+        znorm = norm_detector.update(norm)
+        if args.sl and zloss > args.sl:
+            print(f"skipping update due to loss z-score of {zloss:f}")
+        elif args.sg and znorm > args.sg:
+            print(f"skipping update due to grad z-score of {znorm:f}")
+        else:
+            rng_state, seed = xorshift_u32(rng_state)
+            update(model, lr, args.c, step, K.clip_scale(norm, GRAD_CLIP), seed)
+        seconds = time.perf_counter() - t0
+        tok_s = tokens_per_step / seconds
+        if step > 0:  # the first step warms up; tok/s is an EMA, bias-corrected as in AdamW
+            timed_s, timed_steps = timed_s + seconds, timed_steps + 1
+            ema_tok_s = 0.95 * ema_tok_s + 0.05 * tok_s
+            tok_s = ema_tok_s / (1 - 0.95 ** timed_steps)
+        print(f"step {step + 1:4d}/{num_steps} | loss {loss:.6f} ({zloss:+.2f}z)| norm {norm:6.4f} ({znorm:+.2f}z)"
+              f"| lr {lr:.2e} | {1000 * seconds:.2f} ms | n/a MFU | {tok_s:.0f} tok/s", flush=True)
+        if log:
+            log.write(f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}")
+
+    if timed_steps:
+        print(f"total average iteration time: {1000 * timed_s / timed_steps:.2f} ms")
+    print(f"peak host memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.o is not None:
+        print(f"run directory: {args.o}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # checkpoints are whole or absent: the newest DONE is where -y 1 goes on
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

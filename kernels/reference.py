@@ -94,7 +94,8 @@ def matmul_forward(out, inp, weight, bias, pre_gelu=None):
     With pre_gelu given (GELU fused into the epilogue), the affine result is saved there and
     out = gelu(pre_gelu)."""
     dest = out if pre_gelu is None else pre_gelu
-    np.matmul(inp, weight.T, out=dest)
+    OC, C = weight.shape
+    np.matmul(inp.reshape(-1, C), weight.T, out=dest.reshape(-1, OC))  # one (B*T, C) GEMM, not B of them
     if bias is not None:
         dest += bias
     if pre_gelu is not None:
@@ -111,7 +112,7 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None):
     dweight += dout2.T @ inp.reshape(-1, C)
     if dbias is not None:
         dbias += dout2.sum(axis=0)
-    np.matmul(dout, weight, out=dinp)
+    np.matmul(dout2, weight, out=dinp.reshape(-1, C))
     if pre_gelu is not None:
         gelu_backward(dinp, pre_gelu, dinp)
 
@@ -214,11 +215,19 @@ def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, g
     bf16 params on the GPU; here params are already fp32, so it is None, and seed (stochastic
     rounding into bf16) has nothing to round."""
     assert master is None, "the NumPy backend keeps fp32 params: no master copy"
+    # params -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * params), in place, with the
+    # bias corrections m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t) folded into scalars
     g = grads * np.float32(grad_scale)
     m *= beta1
     m += (1.0 - beta1) * g
     v *= beta2
-    v += (1.0 - beta2) * (g * g)
-    m_hat = m / np.float32(1.0 - beta1 ** t)
-    v_hat = v / np.float32(1.0 - beta2 ** t)
-    params -= np.float32(lr) * (m_hat / (np.sqrt(v_hat) + np.float32(eps)) + np.float32(weight_decay) * params)
+    g *= g
+    g *= 1.0 - beta2
+    v += g
+    denom = np.sqrt(v)
+    denom *= 1.0 / math.sqrt(1.0 - beta2 ** t)
+    denom += eps
+    params *= 1.0 - lr * weight_decay
+    np.divide(m, denom, out=denom)
+    denom *= lr / (1.0 - beta1 ** t)
+    params -= denom

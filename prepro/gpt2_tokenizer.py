@@ -7,16 +7,15 @@ what the trainer decodes samples with.
 
     python -m prepro.gpt2_tokenizer                 # writes data/gpt2_tokenizer.bin
 """
-import argparse
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer split pattern
 
+from cli import ArgumentParser, fail
 from fileformats import write_tokenizer
 
 EOT = 50256  # <|endoftext|>, the last of GPT-2's 50257 tokens
@@ -48,15 +47,14 @@ def export_tokenizer(path, encoding):
     write_tokenizer(path, tokens, encoding.eot_token)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Write GPT-2's tokenizer as llm.c's gpt2_tokenizer.bin.")
+def main(argv=None):
+    parser = ArgumentParser(description="Write GPT-2's tokenizer as llm.c's gpt2_tokenizer.bin.")
     parser.add_argument("-o", default="data/gpt2_tokenizer.bin", help="output path")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         encoding = gpt2_encoding()
     except (RuntimeError, ValueError) as e:  # missing package, or files whose hash is not GPT-2's
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
     os.makedirs(os.path.dirname(args.o) or ".", exist_ok=True)
     export_tokenizer(args.o, encoding)
     print(f"wrote {args.o} ({encoding.n_vocab} tokens, EOT {encoding.eot_token})")

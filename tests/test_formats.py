@@ -55,14 +55,15 @@ def model_params():
     return np.random.default_rng(0).standard_normal(ff.num_parameters(TINY)).astype(np.float32)
 
 
-def optimizer_state(use_master_weights=True, shuffle=False, loader_tail=b""):
+def optimizer_state(use_master_weights=True, shuffle=False, windows=(5, 3)):
     rng = np.random.default_rng(1)
     m, v, master = (rng.standard_normal(SHARD_SIZE).astype(np.float32) for _ in range(3))
     # the u64 fields get values whose high halves are non-zero, and one with the top bit set
     return ff.OptimizerState(
         num_processes=4, rank=3, use_master_weights=use_master_weights, shuffle=shuffle, step=123456,
         rng_state=2**64 - 3, rng_state_last_update=2**40 + 17, shard_index=2**33 + 5, sample_index=2**32 + 1,
-        m=m, v=v, master=master if use_master_weights else None, loader_tail=loader_tail)
+        m=m, v=v, master=master if use_master_weights else None,
+        epoch=2**35 + 9, loss_window=rng.standard_normal(windows[0]), norm_window=rng.standard_normal(windows[1]))
 
 
 def debug_state(B=2, T=3):
@@ -113,11 +114,9 @@ FORMATS = {
                         lambda e, p: ff.write_hellaswag(p, e), "truncated in example|not a whole number of uint16",
                         "trailing bytes|not a whole number of uint16"),
 }
-# with shuffle on, bytes after the arrays are the loader's tail, so appended bytes are no corruption there:
-# it takes part in the round trip only
-ROUND_TRIPS = {**FORMATS, "state_shuffle": Format(
-    lambda p: ff.write_state(p, optimizer_state(shuffle=True, loader_tail=b"perm\x00\x01\xff")),
-    lambda p: ff.read_state(p, SHARD_SIZE), lambda s, p: ff.write_state(p, s), SIZE, "")}
+ROUND_TRIPS = {**FORMATS, "state_no_windows": Format(
+    lambda p: ff.write_state(p, optimizer_state(shuffle=True, windows=(0, 0))),
+    lambda p: ff.read_state(p, SHARD_SIZE), lambda s, p: ff.write_state(p, s), SIZE, SIZE)}
 
 
 @pytest.fixture(params=list(FORMATS))
@@ -212,7 +211,6 @@ def test_nonsense_header_values_are_format_errors(tmp_path, name, slot, value, p
     pytest.param(lambda p: ff.write_model(p, TINY, model_params(), 4), id="model-version-4"),
     pytest.param(lambda p: ff.write_model(p, TINY, model_params()[:-1], 3), id="model-short-params"),
     pytest.param(lambda p: ff.write_model(p, GPT2Config(8, 100, 2, 3, 8, 128), np.zeros(1), 3), id="model-C%NH"),
-    pytest.param(lambda p: ff.write_state(p, optimizer_state(loader_tail=b"x")), id="state-tail-no-shuffle"),
     pytest.param(lambda p: ff.write_state(p, replace(optimizer_state(), use_master_weights=False)),
                  id="state-master-but-flag-off"),
     pytest.param(lambda p: ff.write_state(p, replace(optimizer_state(), m=np.zeros(SHARD_SIZE + 1))),
@@ -391,17 +389,19 @@ def test_bf16_model_stores_round_to_nearest_even_bits_like_torch(tmp_path):
 # optimizer state
 
 @pytest.mark.parametrize("use_master_weights", [True, False])
-@pytest.mark.parametrize("shuffle, loader_tail", [(False, b""), (True, b""), (True, b"perm\x00\x01\xff" * 9)])
-def test_optimizer_state_round_trips(tmp_path, use_master_weights, shuffle, loader_tail):
+@pytest.mark.parametrize("shuffle, windows", [(False, (0, 0)), (True, (128, 128)), (True, (7, 0))])
+def test_optimizer_state_round_trips(tmp_path, use_master_weights, shuffle, windows):
     path = tmp_path / "state.bin"
-    state = optimizer_state(use_master_weights, shuffle, loader_tail)
+    state = optimizer_state(use_master_weights, shuffle, windows)
     ff.write_state(path, state)
     read = ff.read_state(path, SHARD_SIZE)
     for field in ("num_processes", "rank", "use_master_weights", "shuffle", "step", "rng_state",
-                  "rng_state_last_update", "shard_index", "sample_index", "loader_tail"):
+                  "rng_state_last_update", "shard_index", "sample_index", "epoch"):
         assert getattr(read, field) == getattr(state, field), field
     assert np.array_equal(read.m, state.m) and np.array_equal(read.v, state.v)
     assert read.m.dtype == read.v.dtype == np.float32
+    assert np.array_equal(read.loss_window, state.loss_window) and np.array_equal(read.norm_window, state.norm_window)
+    assert read.loss_window.dtype == read.norm_window.dtype == np.float64
     if use_master_weights:
         assert read.master.dtype == np.float32 and np.array_equal(read.master, state.master)
     else:
@@ -411,7 +411,7 @@ def test_optimizer_state_round_trips(tmp_path, use_master_weights, shuffle, load
 @pytest.mark.parametrize("use_master_weights", [True, False])
 def test_optimizer_state_header_and_layout_match_llmc(tmp_path, use_master_weights):
     path = tmp_path / "state.bin"
-    state = optimizer_state(use_master_weights, shuffle=True, loader_tail=b"tail")
+    state = optimizer_state(use_master_weights, shuffle=True)
     ff.write_state(path, state)
     raw = path.read_bytes()
     header = header_of(path)
@@ -423,15 +423,36 @@ def test_optimizer_state_header_and_layout_match_llmc(tmp_path, use_master_weigh
     arrays = np.frombuffer(raw, dtype="<f4", offset=1024, count=SHARD_SIZE * (3 if use_master_weights else 2))
     expected = [state.m, state.v] + ([state.master] if use_master_weights else [])
     assert np.array_equal(arrays, np.concatenate(expected))
-    assert raw[1024 + 4 * arrays.size:] == b"tail"
+    # our trailer: int64 magic, epoch, window lengths, then the two windows as 128 float64 each, zero-padded
+    trailer = raw[1024 + 4 * arrays.size:]
+    assert len(trailer) == 32 + 2 * 128 * 8
+    assert struct.unpack_from("<4q", trailer) == (20261122, 2**35 + 9, 5, 3)
+    windows = np.frombuffer(trailer, "<f8", offset=32).reshape(2, 128)
+    assert np.array_equal(windows[0, :5], state.loss_window) and np.array_equal(windows[1, :3], state.norm_window)
+    assert not windows[0, 5:].any() and not windows[1, 3:].any()
 
 
-def test_shuffled_state_too_short_for_its_arrays_is_a_format_error(tmp_path):
+def test_state_without_our_trailer_is_a_format_error(tmp_path):
     path = tmp_path / "state.bin"
-    ff.write_state(path, optimizer_state(shuffle=True))
-    path.write_bytes(path.read_bytes()[:-4])
-    assert_format_error(path, lambda p: ff.read_state(p, SHARD_SIZE),
-                        rf"file is \d+ bytes, expected at least 1024 \+ 4 \* {SHARD_SIZE}")
+    ff.write_state(path, optimizer_state())
+    raw = path.read_bytes()
+    path.write_bytes(raw[:1024 + 3 * 4 * SHARD_SIZE] + b"\x00" * (32 + 2048))  # arrays, then someone else's bytes
+    assert_format_error(path, lambda p: ff.read_state(p, SHARD_SIZE), r"trailer magic 0, expected 20261122")
+
+
+@pytest.mark.parametrize("slot, value", [(1, -1), (2, 129), (3, -2)])
+def test_state_trailer_with_impossible_values_is_a_format_error(tmp_path, slot, value):
+    path = tmp_path / "state.bin"
+    ff.write_state(path, optimizer_state())
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<q", data, 1024 + 3 * 4 * SHARD_SIZE + 8 * slot, value)
+    path.write_bytes(data)
+    assert_format_error(path, lambda p: ff.read_state(p, SHARD_SIZE), "bad trailer")
+
+
+def test_state_windows_longer_than_the_trailer_holds_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="at most 128"):
+        ff.write_state(tmp_path / "state.bin", optimizer_state(windows=(129, 0)))
 
 
 def test_state_read_with_the_wrong_shard_size_is_a_format_error(tmp_path):

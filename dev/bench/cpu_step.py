@@ -1,7 +1,8 @@
-"""Time one forward + backward of our NumPy GPT-2 beside the PyTorch reference's (eager, fp32), on
-the same model, batch and CPU, in one run; print both, the ratio, and write a JSON record.
+"""Time one training step of our NumPy GPT-2 beside the PyTorch reference's (eager, fp32) on the
+same model, batch and CPU, in one run: forward, backward, global-norm clip and AdamW (torch's
+default CPU AdamW, weight decay on 2-D weights). Print both, the ratio, and write a JSON record.
 
-    python dev/bench/cpu_step.py -e d12 -b 4 -t 64 -n 5
+    python dev/bench/cpu_step.py -e d6 -b 4 -t 128 -n 5
 """
 import argparse
 import json
@@ -20,6 +21,9 @@ sys.path[:0] = [str(REPO), str(REPO / "dev")]
 import torch_gpt2 as ref  # noqa: E402
 import train_gpt2 as gpt  # noqa: E402
 from fileformats import atomic_write  # noqa: E402
+from kernels import reference as K  # noqa: E402
+
+LR, WEIGHT_DECAY = 3e-4, 0.1
 
 
 def median_seconds(fn, repeats):
@@ -59,16 +63,24 @@ def main():
         gpt.zero_grad(model)
         gpt.forward(model, x)
         gpt.backward(model, x, y)
+        norm = gpt.grad_norm(model)
+        gpt.update(model, LR, WEIGHT_DECAY, 0, K.clip_scale(norm, gpt.GRAD_CLIP), seed=0)
 
     torch_model = ref.init_llmc(ref.GPT2(ref.Config(
         num_layers=config.num_layers, num_heads=config.num_heads, channels=config.channels,
         max_seq_len=config.max_seq_len, vocab_size=config.vocab_size, padded_vocab_size=config.padded_vocab_size)))
     tx, ty = torch.from_numpy(x).long(), torch.from_numpy(y).long()
+    torch_params = list(torch_model.parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for p in torch_params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+                                   {"params": [p for p in torch_params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=LR, betas=(0.9, 0.95), eps=1e-8)
 
     def theirs():
-        torch_model.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=False)
         _, loss = torch_model(tx, ty)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(torch_params, gpt.GRAD_CLIP)
+        optimizer.step()
 
     ours_s = median_seconds(ours, args.n)
     torch_s = median_seconds(theirs, args.n)
@@ -78,7 +90,8 @@ def main():
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                  text=True).stdout.strip(),
         "command": "python dev/bench/cpu_step.py " + " ".join(sys.argv[1:]),
-        "what": f"forward+backward, {args.e}, B={args.b}, T={args.t}, fp32, median of {args.n}",
+        "what": f"training step (forward, backward, clip, AdamW), {args.e}, B={args.b}, T={args.t}, fp32, "
+                f"median of {args.n}",
         "ours_ms": round(1000 * ours_s, 2),
         "torch_ms": round(1000 * torch_s, 2),
         "ratio_ours_over_torch": round(ours_s / torch_s, 3),

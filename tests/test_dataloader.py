@@ -1,0 +1,246 @@
+"""dataloader, specified: the batches are llm.c's, checked against windows cut by plain slicing of the
+written tokens; shuffling visits every sample once per epoch in an order fixed by (seed, rank, epoch);
+restoring a position resumes the exact sequence; and every bad input is a one-line error naming it."""
+import re
+
+import numpy as np
+import pytest
+
+import fileformats as ff
+from dataloader import SHUFFLE_SEED, DataLoader
+from fileformats import FormatError
+
+B, T, VOCAB = 2, 3, 1000
+# tokens per shard; strides below are P*B*T = 6, 12, 18. 36 is a multiple of all three: its last whole
+# stride lacks the one token more that its targets need, so it is tail too
+LENGTHS = (40, 25, 59, 36)
+
+
+def write_shards(tmp_path, lengths=LENGTHS, seed=0):
+    """Shards of seeded random tokens; returns the glob pattern and the token arrays in file order."""
+    rng = np.random.default_rng(seed)
+    shards = [rng.integers(0, VOCAB, n) for n in lengths]
+    for i in reversed(range(len(shards))):  # created out of order, so only sorting puts them in file order
+        ff.write_shard(tmp_path / f"shard_{i:02d}.bin", shards[i])
+    return str(tmp_path / "shard_*.bin"), shards
+
+
+def windows(shards, P=1, rank=0):
+    """Per shard, this rank's B*T+1-token windows: one per sample whose P*B*T+1 tokens fit in the shard."""
+    stride, own = P * B * T, rank * B * T
+    return [[tokens[s + own:s + own + B * T + 1] for s in range(0, len(tokens) - stride, stride)]
+            for tokens in shards]
+
+
+def batch(window):
+    return window[:-1].reshape(B, T), window[1:].reshape(B, T)
+
+
+def take(loader, n):
+    """The next n batches, copied, since the loader refills the same arrays."""
+    return [tuple(a.copy() for a in loader.next_batch()) for _ in range(n)]
+
+
+def assert_batches_equal(actual, expected):
+    assert len(actual) == len(expected)
+    for i, ((x, y), (ex, ey)) in enumerate(zip(actual, expected)):
+        assert np.array_equal(x, ex) and np.array_equal(y, ey), f"batch {i}"
+
+
+def visits(loader, n, shards, P=1, rank=0):
+    """The (shard, sample) of each of the next n batches, identified by its tokens."""
+    where = {tuple(w.tolist()): (k, s) for k, ws in enumerate(windows(shards, P, rank)) for s, w in enumerate(ws)}
+    assert len(where) == sum(len(ws) for ws in windows(shards, P, rank))  # every window tells its place apart
+    return [where[tuple(x.ravel().tolist() + y.ravel()[-1:].tolist())] for x, y in take(loader, n)]
+
+
+def assert_one_line(info, *names):
+    message = str(info.value)
+    assert "\n" not in message, message
+    for name in names:
+        assert str(name) in message, message
+    return message
+
+
+# ----------------------------------------------------------------------------
+# the batches
+
+def test_unshuffled_batches_walk_the_shards_in_order_and_wrap_into_the_next_epoch(tmp_path):
+    pattern, shards = write_shards(tmp_path)
+    loader = DataLoader(pattern, B, T, VOCAB)
+    epoch = [batch(w) for ws in windows(shards) for w in ws]
+    assert loader.files == sorted(str(tmp_path / f"shard_{i:02d}.bin") for i in range(4))
+    assert (loader.num_tokens, loader.num_batches, len(epoch)) == (160, 24, 24)  # 39//6 + 24//6 + 58//6 + 35//6
+
+    got, epochs = [], []
+    for _ in range(2 * 24 + 5):
+        x, y = loader.next_batch()
+        assert x is loader.inputs and y is loader.targets
+        assert x.dtype == y.dtype == np.int32 and x.shape == y.shape == (B, T)
+        assert np.array_equal(y.ravel()[:-1], x.ravel()[1:])  # targets are the inputs shifted by one
+        got.append((x.copy(), y.copy()))
+        epochs.append(loader.epoch)
+    assert_batches_equal(got, epoch * 2 + epoch[:5])
+    assert epochs == [0] * 24 + [1] * 24 + [2] * 5
+
+
+def test_each_rank_reads_its_own_slice_of_every_sample(tmp_path):
+    P = 3
+    pattern, shards = write_shards(tmp_path)
+    loaders = [DataLoader(pattern, B, T, VOCAB, rank=r, num_processes=P) for r in range(P)]
+    assert [loader.num_batches for loader in loaders] == [2 + 1 + 3 + 1] * P
+    per_rank = [take(loader, 7 + 2) for loader in loaders]
+    for r in range(P):
+        epoch = [batch(w) for ws in windows(shards, P, r) for w in ws]
+        assert_batches_equal(per_rank[r], epoch + epoch[:2])
+
+    # together the ranks cover each sample's P*B*T tokens contiguously, each token once
+    starts = [(k, s) for k, tokens in enumerate(shards) for s in range(0, len(tokens) - P * B * T, P * B * T)]
+    for i, (k, s) in enumerate(starts):
+        inputs = np.concatenate([per_rank[r][i][0].ravel() for r in range(P)])
+        targets = np.concatenate([per_rank[r][i][1].ravel() for r in range(P)])
+        assert np.array_equal(inputs, shards[k][s:s + P * B * T])
+        assert np.array_equal(targets, shards[k][s + 1:s + P * B * T + 1])
+
+
+def test_a_shuffled_epoch_visits_every_sample_once_shard_by_shard_in_a_new_order(tmp_path):
+    pattern, shards = write_shards(tmp_path)
+    in_order = [(k, s) for k, ws in enumerate(windows(shards)) for s in range(len(ws))]
+    loader = DataLoader(pattern, B, T, VOCAB, shuffle=True)
+    first, second = visits(loader, 24, shards), visits(loader, 24, shards)
+    for epoch in (first, second):
+        assert sorted(epoch) == in_order
+        shard_runs = [k for i, (k, _) in enumerate(epoch) if i == 0 or epoch[i - 1][0] != k]
+        assert sorted(shard_runs) == [0, 1, 2, 3]  # a shard's samples are all taken before the next shard's
+    assert first != in_order
+    assert second != first
+
+    twin = DataLoader(pattern, B, T, VOCAB, shuffle=True)
+    assert visits(twin, 2 * 24, shards) == first + second
+    other_rank = DataLoader(pattern, B, T, VOCAB, rank=1, num_processes=2, shuffle=True)
+    rank_zero = DataLoader(pattern, B, T, VOCAB, rank=0, num_processes=2, shuffle=True)
+    assert visits(other_rank, 11, shards, 2, 1) != visits(rank_zero, 11, shards, 2, 0)
+
+
+def test_the_shuffle_order_is_the_counter_based_one_seeded_by_rank(tmp_path):
+    # pinned, because a checkpoint's loader position only means the same batches under the same orders
+    P, rank = 2, 1
+    pattern, shards = write_shards(tmp_path)
+    ws = windows(shards, P, rank)
+    expected = []
+    for epoch in range(3):
+        seed = [SHUFFLE_SEED + rank, epoch]
+        for position, k in enumerate(np.random.default_rng(seed).permutation(len(ws))):
+            expected += [batch(ws[k][s]) for s in np.random.default_rng(seed + [position]).permutation(len(ws[k]))]
+    loader = DataLoader(pattern, B, T, VOCAB, rank=rank, num_processes=P, shuffle=True)
+    assert_batches_equal(take(loader, len(expected)), expected)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_reset_goes_back_to_the_first_batch(tmp_path, shuffle):
+    pattern, _ = write_shards(tmp_path)
+    loader = DataLoader(pattern, B, T, VOCAB, shuffle=shuffle)
+    start = take(loader, 25)
+    loader.reset()
+    assert (loader.epoch, loader.shard_index, loader.sample_index) == (0, 0, 0)
+    assert_batches_equal(take(loader, 25), start)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("P, rank", [(1, 0), (3, 2)])
+def test_restore_resumes_exactly_from_every_position(tmp_path, shuffle, P, rank):
+    pattern, _ = write_shards(tmp_path)
+    original, resumed = (DataLoader(pattern, B, T, VOCAB, rank=rank, num_processes=P, shuffle=shuffle)
+                         for _ in range(2))
+    positions = set()
+    # every stop in two epochs and a bit: inside shards, at each shard's end, at and across epoch ends
+    for stop in range(2 * original.num_batches + 2):
+        original.reset()
+        take(original, stop)
+        position = (original.epoch, original.shard_index, original.sample_index)
+        positions.add(position)
+        take(resumed, stop % 5 + 1)  # the resumed loader is mid-run, its cached orders belonging elsewhere
+        resumed.restore(*position)
+        assert (resumed.epoch, resumed.shard_index, resumed.sample_index) == position
+        assert_batches_equal(take(resumed, 40), take(original, 40))
+    assert len(positions) == 2 * original.num_batches + 2
+
+
+# ----------------------------------------------------------------------------
+# errors
+
+def test_a_pattern_matching_nothing_is_a_format_error(tmp_path):
+    write_shards(tmp_path)
+    pattern = str(tmp_path / "val_*.bin")
+    with pytest.raises(FormatError) as info:
+        DataLoader(pattern, B, T, VOCAB)
+    assert assert_one_line(info) == f"{pattern}: no file matches this pattern"
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda data: b"\x00" * 4 + data[4:], r"bad magic 0 \(expected 20240520"),
+    (lambda data: data[:-1], r"file is 1073 bytes, expected 1024 \+ 2 \* 25 = 1074"),
+])
+def test_a_damaged_shard_is_a_format_error_naming_it(tmp_path, damage, problem):
+    pattern, _ = write_shards(tmp_path)
+    path = tmp_path / "shard_01.bin"  # not the first: every shard is checked up front
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(FormatError) as info:
+        DataLoader(pattern, B, T, VOCAB)
+    assert re.fullmatch(rf"{re.escape(str(path))}: {problem}.*", assert_one_line(info))
+
+
+@pytest.mark.parametrize("P", [1, 3])
+def test_a_shard_shorter_than_one_batch_is_a_format_error(tmp_path, P):
+    needed = P * B * T + 1
+    pattern, _ = write_shards(tmp_path, lengths=(40, needed))
+    assert DataLoader(pattern, B, T, VOCAB, num_processes=P).num_batches == 39 // (P * B * T) + 1
+
+    pattern, _ = write_shards(tmp_path, lengths=(40, needed - 1))
+    with pytest.raises(FormatError) as info:
+        DataLoader(pattern, B, T, VOCAB, num_processes=P)
+    assert assert_one_line(info) == (f"{tmp_path / 'shard_01.bin'}: holds {needed - 1} tokens, fewer than one batch "
+                                     f"needs (B*T*processes + 1 = {needed})")
+
+
+def test_a_token_outside_the_vocab_is_a_format_error(tmp_path):
+    pattern, shards = write_shards(tmp_path)
+    path = tmp_path / "shard_02.bin"
+    tokens = shards[2].copy()
+    tokens[17], tokens[30] = VOCAB - 1, VOCAB  # the largest legal token, then the smallest illegal one
+    for later in ([], [44, 50]):  # larger offenders later on: the message still points at the first
+        tokens[later] = VOCAB + 5
+        ff.write_shard(path, tokens)
+        with pytest.raises(FormatError) as info:
+            DataLoader(pattern, B, T, VOCAB)
+        assert assert_one_line(info) == f"{path}: token {VOCAB} at position 30 is not below the vocab size {VOCAB}"
+
+    tokens[[30, 44, 50]] = VOCAB - 1
+    ff.write_shard(path, tokens)
+    assert DataLoader(pattern, B, T, VOCAB).num_tokens == sum(LENGTHS)
+
+
+@pytest.mark.parametrize("position, names", [
+    ((-1, 0, 0), ["epoch -1"]),
+    ((0, 4, 0), ["shard 4", "0..3", "shard_*.bin", "4 shards"]),
+    ((0, -1, 0), ["shard -1", "0..3"]),
+    ((0, 1, 5), ["sample 5", "0..4", "4 samples"]),  # unshuffled, shard position 1 is the 25-token shard
+    ((0, 1, -1), ["sample -1", "0..4"]),
+])
+def test_restoring_a_position_out_of_range_is_a_value_error(tmp_path, position, names):
+    pattern, _ = write_shards(tmp_path)
+    loader = DataLoader(pattern, B, T, VOCAB)
+    loader.restore(0, 1, 4)  # the end of a shard is a position: the next batch starts the next shard
+    assert_batches_equal(take(loader, 1), take(DataLoader(pattern, B, T, VOCAB), 11)[10:])
+    with pytest.raises(ValueError) as info:
+        loader.restore(*position)
+    assert assert_one_line(info, *names).startswith("loader position ")
+    assert (loader.epoch, loader.shard_index, loader.sample_index) == (0, 2, 1)  # a refused restore moves nothing
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=2, num_processes=2), dict(rank=-1), dict(num_processes=0)])
+def test_an_impossible_rank_is_a_value_error(tmp_path, kwargs):
+    pattern, _ = write_shards(tmp_path)
+    with pytest.raises(ValueError) as info:
+        DataLoader(pattern, B, T, VOCAB, **kwargs)
+    assert_one_line(info, *(f"{key}={value}" for key, value in kwargs.items()))
