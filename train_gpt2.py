@@ -422,12 +422,12 @@ def prune_checkpoints(run_dir, keep, major_every):
 
 
 def clean_run_dir(run_dir):
-    """Remove what an interrupted checkpoint left behind: temporary files, and model or state
-    files whose DONE never came."""
+    """Remove what an interrupted write left behind: temporary files (save_checkpoint's .partial,
+    atomic_write's .tmp<pid>), and model or state files whose DONE never came."""
     done = set(done_steps(run_dir))
     for name in os.listdir(run_dir):
         m = re.match(r"(model|state)_(\d{8})[._]", name)
-        if name.endswith(".partial") or ".partial.tmp" in name or (m and int(m.group(2)) not in done):
+        if re.search(r"\.partial$|\.tmp\d+$", name) or (m and int(m.group(2)) not in done):
             os.remove(os.path.join(run_dir, name))
 
 
@@ -435,12 +435,12 @@ class Log:
     """main.log in llm.c's line format (s:<step> trl:/tel:/eval:). A resumed run first drops the
     lines of steps it is about to redo, so the log reads as if the run had never stopped."""
 
-    def __init__(self, run_dir, resume_step):
+    def __init__(self, run_dir, first_step):
         self.path = os.path.join(run_dir, "main.log")
         kept = []
-        if resume_step is not None and os.path.exists(self.path):
+        if first_step > 0 and os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if (m := re.match(r"s:(\d+) ", line)) and int(m.group(1)) < resume_step]
+                kept = [line for line in f if (m := re.match(r"s:(\d+) ", line)) and int(m.group(1)) < first_step]
         with atomic_write(self.path) as f:
             f.write("".join(kept).encode())
         self.file = open(self.path, "a")
@@ -603,7 +603,7 @@ def main(argv=None):
     log = None
     if args.o is not None:
         os.makedirs(args.o, exist_ok=True)
-        log = Log(args.o, resume_step if resume_step is not None else 0)
+        log = Log(args.o, step)
         print(f"run directory: {args.o}")
 
     ema_tok_s, timed_s, timed_steps = 0.0, 0.0, 0

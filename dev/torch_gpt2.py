@@ -197,13 +197,19 @@ def write_debug_state(path, model, x, y):
     return logits_np, loss.item()
 
 
-def adamw_losses(model, x, y, steps, lr, weight_decay):
-    """`steps` llm.c training steps on one batch; returns each step's loss, taken before its update."""
-    x, y = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(y, dtype=torch.long)
+def llmc_adamw(model, lr, weight_decay, **options):
+    """torch's AdamW with llm.c's betas, eps and decay groups: decay on 2-D weights only."""
     params = list(model.parameters())  # the tied lm_head appears once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases and LayerNorm
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=False, fused=False)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, **options)
+
+
+def adamw_losses(model, x, y, steps, lr, weight_decay):
+    """`steps` llm.c training steps on one batch; returns each step's loss, taken before its update."""
+    x, y = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(y, dtype=torch.long)
+    params = list(model.parameters())
+    optimizer = llmc_adamw(model, lr, weight_decay, foreach=False, fused=False)
     losses = []
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)

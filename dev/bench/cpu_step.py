@@ -70,16 +70,13 @@ def main():
         num_layers=config.num_layers, num_heads=config.num_heads, channels=config.channels,
         max_seq_len=config.max_seq_len, vocab_size=config.vocab_size, padded_vocab_size=config.padded_vocab_size)))
     tx, ty = torch.from_numpy(x).long(), torch.from_numpy(y).long()
-    torch_params = list(torch_model.parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for p in torch_params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
-                                   {"params": [p for p in torch_params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = ref.llmc_adamw(torch_model, LR, WEIGHT_DECAY)  # torch's default CPU implementation
 
     def theirs():
         optimizer.zero_grad(set_to_none=False)
         _, loss = torch_model(tx, ty)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(torch_params, gpt.GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(torch_model.parameters(), gpt.GRAD_CLIP)
         optimizer.step()
 
     ours_s = median_seconds(ours, args.n)
