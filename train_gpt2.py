@@ -569,10 +569,11 @@ def main(argv=None):
     model = GPT2(config, params, B, T)
     step = 0
     rng_state = 13371337 + rank  # llm.c's start: one draw per update seeds the GPU's stochastic rounding
+    rng_state_last_update = rng_state  # the state that last update drew from, as llm.c's state file records
     loss_detector, norm_detector = OutlierDetector(), OutlierDetector()
     if resume_step is not None:
         model.m[:], model.v[:] = state.m, state.v
-        step, rng_state = state.step, state.rng_state
+        step, rng_state, rng_state_last_update = state.step, state.rng_state, state.rng_state_last_update
         loss_detector, norm_detector = OutlierDetector(state.loss_window), OutlierDetector(state.norm_window)
         try:
             train_loader.restore(state.epoch, state.shard_index, state.sample_index)
@@ -628,7 +629,7 @@ def main(argv=None):
         if args.n and step != resume_step and ((step > 0 and step % args.n == 0) or last_step):
             save_checkpoint(args.o, step, model, OptimizerState(
                 num_processes=nproc, rank=rank, use_master_weights=False, shuffle=train_loader.shuffle, step=step,
-                rng_state=rng_state, rng_state_last_update=rng_state, shard_index=train_loader.shard_index,
+                rng_state=rng_state, rng_state_last_update=rng_state_last_update, shard_index=train_loader.shard_index,
                 sample_index=train_loader.sample_index, m=model.m, v=model.v, master=None,
                 epoch=train_loader.epoch, loss_window=loss_detector.window, norm_window=norm_detector.window))
             prune_checkpoints(args.o, args.nk, args.nm)
@@ -653,6 +654,7 @@ def main(argv=None):
         elif args.sg and znorm > args.sg:
             print(f"skipping update due to grad z-score of {znorm:f}")
         else:
+            rng_state_last_update = rng_state
             rng_state, seed = xorshift_u32(rng_state)
             update(model, lr, args.c, step, K.clip_scale(norm, GRAD_CLIP), seed)
         seconds = time.perf_counter() - t0

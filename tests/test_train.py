@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt2 as gpt
-from fileformats import HellaSwagExample, read_model, read_shard, write_hellaswag, write_shard
+from fileformats import HellaSwagExample, read_model, read_shard, read_state, write_hellaswag, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "dev"))
@@ -89,6 +89,16 @@ def test_resume_is_bit_exact(runs):
     assert (a / "model_00000020.bin").read_bytes() == (b / "model_00000020.bin").read_bytes()
     assert (a / "state_00000020_00000.bin").read_bytes() == (b / "state_00000020_00000.bin").read_bytes()
     assert (a / "main.log").read_text() == (b / "main.log").read_text()  # the redone steps are not logged twice
+
+
+def test_the_state_records_the_rng_state_before_and_after_the_last_update(runs):
+    num_params = gpt.num_parameters(gpt.config_from_descriptor("d1"))
+    state = read_state(runs["cwd"] / "a" / "state_00000010_00000.bin", num_params)
+    assert gpt.xorshift_u32(state.rng_state_last_update)[0] == state.rng_state  # one draw per update, in between
+    chain = 13371337  # llm.c's start for rank 0, then one draw for each of the 10 updates
+    for _ in range(10):
+        chain = gpt.xorshift_u32(chain)[0]
+    assert state.rng_state == chain
 
 
 def test_training_moved_the_weights_and_the_loss(runs):
