@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test kernels bench clean
 
 # runtime dependencies only: what train_gpt2.py needs on a machine without a GPU
 $(VENV)/.runtime: requirements.txt
@@ -29,5 +29,15 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(PY) -m pytest -q
 
+# every kernels/*.cu through nvcc for Ampere (sm_80) and Hopper (sm_90a), warnings as errors; the
+# cubins are cached in kernels/build/, where the CUDA backend finds them (needs nvcc, no GPU)
+kernels:
+	$(PYTHON) -m kernels sm_80 sm_90a
+
+# on a GPU machine with CUDA PyTorch and requirements-gpu.txt: each kernel beside its PyTorch
+# counterpart at GPT-2 124M shapes; writes dev/bench/results/kernels_<gpu>.json
+bench: kernels
+	$(PYTHON) dev/bench/kernels.py
+
 clean:
-	rm -rf $(VENV) log_demo .pytest_cache
+	rm -rf $(VENV) log_demo .pytest_cache kernels/build

@@ -1,2 +1,98 @@
-"""The kernels of train_gpt2.py, one per layer. reference.py holds their NumPy twins (fp32): the CPU
-backend, and the definition of what each kernel computes."""
+"""The kernels of train_gpt2.py, one per layer.
+
+- reference.py: the NumPy twins (fp32), the CPU backend and the definition of what each kernel computes;
+- *.cu (with common.cuh): the CUDA kernels, one file per layer, forward and backward together;
+- cuda.py: the twins' signatures over the CUDA kernels, for CuPy views of the flat GPU buffers.
+
+This module compiles the .cu files with nvcc into cubins, once: each cubin is cached under
+kernels/build/<arch>/ by a hash of its source, the shared headers, the flags and nvcc's version, so
+an edit rebuilds just what changed. It needs only the standard library, so `make kernels` (which
+compiles every source for sm_80 and sm_90a) runs anywhere nvcc does, GPU or not:
+
+    python -m kernels sm_80 sm_90a
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).resolve().parent
+BUILD_DIR = KERNEL_DIR / "build"
+NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Werror", "all-warnings")
+
+
+class BuildError(Exception):
+    """nvcc is missing, or a source does not compile (the message holds nvcc's output)."""
+
+
+def sources():
+    return sorted(KERNEL_DIR.glob("*.cu"))
+
+
+def nvcc_path():
+    """nvcc from PATH, else from CUDA_HOME / CUDA_PATH, else the default install location."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.access(os.path.join(root, "bin", "nvcc"), os.X_OK):
+            return os.path.join(root, "bin", "nvcc")
+    raise BuildError("nvcc not found: the CUDA kernels are compiled with the CUDA toolkit's nvcc; "
+                     "put it on PATH or set CUDA_HOME")
+
+
+def device_arch(compute_capability):
+    """nvcc's -arch for a device: '90' -> 'sm_90a' (Hopper's full instruction set), '80' -> 'sm_80'."""
+    return f"sm_{compute_capability}a" if compute_capability == "90" else f"sm_{compute_capability}"
+
+
+def cubin_path(source, arch, nvcc_version):
+    digest = hashlib.sha256()
+    for part in (nvcc_version, arch, " ".join(NVCC_FLAGS), source.read_text()):
+        digest.update(part.encode() + b"\0")
+    for header in sorted(KERNEL_DIR.glob("*.cuh")):
+        digest.update(header.read_bytes() + b"\0")
+    return BUILD_DIR / arch / f"{source.stem}-{digest.hexdigest()[:16]}.cubin"
+
+
+def build(arch, only=None):
+    """Compile every kernels/*.cu (or just the stems in `only`) for `arch`, skipping those already
+    cached; returns {stem: cubin path}. A cubin is written under a temporary name and renamed, so
+    an interrupted build never leaves a torn one."""
+    nvcc = nvcc_path()
+    nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    cubins = {}
+    for source in sources():
+        if only is not None and source.stem not in only:
+            continue
+        path = cubin_path(source, arch, nvcc_version)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            result = subprocess.run([nvcc, "-cubin", f"-arch={arch}", *NVCC_FLAGS, f"-I{KERNEL_DIR}",
+                                     "-o", str(tmp), str(source)], capture_output=True, text=True)
+            if result.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise BuildError(f"{source.name} does not compile for {arch}:\n{result.stderr.strip()}")
+            os.replace(tmp, path)
+            for stale in path.parent.glob(f"{source.stem}-*.cubin"):
+                if stale != path:
+                    stale.unlink()
+        cubins[source.stem] = path
+    return cubins
+
+
+def main(archs):
+    if not archs:
+        print("usage: python -m kernels ARCH [ARCH ...]   (e.g. sm_80 sm_90a)", file=sys.stderr)
+        return 1
+    for arch in archs:
+        try:
+            cubins = build(arch)
+        except BuildError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{arch}: {len(cubins)} kernel files compiled ({', '.join(sorted(cubins))})")
+    return 0
