@@ -114,7 +114,7 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
     C = inp.shape[-1]
     N = inp.size // C
-    assert C % 8 == 0 and C // 8 <= 1024 and N > 0 and inp.size < 2**31
+    assert C % 8 == 0 and C // 8 <= 512 and N > 0 and inp.size < 2**31
     assert dinp.shape == dout.shape == inp.shape and dweight.shape == dbias.shape == weight.shape == (C,)
     assert mean.size == rstd.size == N
     _check_bf16x8(dinp, dweight, dbias, dout, inp, weight)
