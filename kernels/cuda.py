@@ -10,6 +10,8 @@ Kernels run on CuPy's current stream, one after another, so a scratch buffer can
 of them (`scratch`). Importing this module needs a CUDA device: the cubins for its architecture
 are built (or found in kernels/build/) then, once.
 """
+import functools
+
 import cupy as cp
 import numpy as np
 from nvmath.bindings import cublasLt as _lt
@@ -22,6 +24,7 @@ ARCH = device_arch(cp.cuda.Device().compute_capability)
 _MODULES = {stem: cp.RawModule(path=str(path)) for stem, path in build(ARCH).items()}
 
 
+@functools.cache  # looked up once per kernel, not on every launch in the step loop
 def kernel(stem, name):
     """The __global__ function `name` (declared extern "C") of kernels/<stem>.cu."""
     return _MODULES[stem].get_function(name)
@@ -52,6 +55,13 @@ def f32(x):
     return np.float32(x)
 
 
+def check(dtype, *arrays, align=1):
+    """Every wrapper's invariants on its arrays: the dtype, C-contiguous (a view into a flat
+    buffer), and the pointer `align`-byte aligned (16 where a kernel reads rows as bf16x8 chunks)."""
+    for a in arrays:
+        assert a.dtype == dtype and a.flags.c_contiguous and a.data.ptr % align == 0, (a.dtype, a.shape, align)
+
+
 # ----------------------------------------------------------------------------- encoder, layernorm, gelu
 
 _BLOCK = 256                  # threads per block of the elementwise and per-chunk kernels
@@ -60,25 +70,13 @@ _LN_BWD_MAX_BLOCKS = 1024     # layernorm backward: row groups, each leaving one
 _ENC_WTE_BLOCK = (32, 16)     # encoder_backward_wte: (chunks, row lanes); 16 is ROWS in encoder.cu
 
 
-def _check_bf16x8(*arrays):
-    """The bf16x8 kernels' invariants: contiguous bf16 bits, 16-byte aligned (and the rows a
-    multiple of 8 channels, which each wrapper asserts on its own C)."""
-    for a in arrays:
-        assert a.dtype == cp.uint16 and a.flags.c_contiguous and a.data.ptr % 16 == 0, (a.dtype, a.shape)
-
-
-def _check_f32(*arrays):
-    for a in arrays:
-        assert a.dtype == cp.float32 and a.flags.c_contiguous, (a.dtype, a.shape)
-
-
 def encoder_forward(out, inp, wte, wpe):
     B, T = inp.shape
     C = wte.shape[1]
-    assert inp.dtype == cp.int32 and inp.flags.c_contiguous and C % 8 == 0
-    assert out.shape == (B, T, C) and wpe.shape[1] == C and T <= wpe.shape[0]
+    check(cp.int32, inp)
+    assert C % 8 == 0 and out.shape == (B, T, C) and wpe.shape[1] == C and T <= wpe.shape[0]
     assert B * T * C < 2**31
-    _check_bf16x8(out, wte, wpe)
+    check(cp.uint16, out, wte, wpe, align=16)
     threads = B * T * (C // 8)
     kernel("encoder", "encoder_forward")((ceil_div(threads, _BLOCK),), (_BLOCK,),
                                          (out, inp, wte, wpe, i32(B * T), i32(T), i32(C)))
@@ -87,10 +85,10 @@ def encoder_forward(out, inp, wte, wpe):
 def encoder_backward(dwte, dwpe, dout, inp):
     B, T = inp.shape
     C = dwte.shape[1]
-    assert inp.dtype == cp.int32 and inp.flags.c_contiguous and C % 8 == 0
-    assert dout.shape == (B, T, C) and dwpe.shape[1] == C and T <= dwpe.shape[0]
+    check(cp.int32, inp)
+    assert C % 8 == 0 and dout.shape == (B, T, C) and dwpe.shape[1] == C and T <= dwpe.shape[0]
     assert B * T * C < 2**31
-    _check_bf16x8(dwte, dwpe, dout)
+    check(cp.uint16, dwte, dwpe, dout, align=16)
     kernel("encoder", "encoder_backward_wpe")((ceil_div(T * (C // 8), _BLOCK),), (_BLOCK,),
                                               (dwpe, dout, i32(B), i32(T), i32(C)))
     # positions grouped by token id, each group in position order (stable), so that every dwte row
@@ -105,8 +103,8 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
     N = inp.size // C
     assert C % 8 == 0 and out.shape == inp.shape and weight.shape == bias.shape == (C,)
     assert mean.size == rstd.size == N and inp.size < 2**31
-    _check_bf16x8(out, inp, weight, bias)
-    _check_f32(mean, rstd)
+    check(cp.uint16, out, inp, weight, bias, align=16)
+    check(cp.float32, mean, rstd)
     kernel("layernorm", "layernorm_forward")((ceil_div(N, _LN_ROWS_PER_BLOCK),), (32 * _LN_ROWS_PER_BLOCK,),
                                              (out, mean, rstd, inp, weight, bias, i32(N), i32(C)))
 
@@ -117,8 +115,8 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
     assert C % 8 == 0 and C // 8 <= 512 and N > 0 and inp.size < 2**31
     assert dinp.shape == dout.shape == inp.shape and dweight.shape == dbias.shape == weight.shape == (C,)
     assert mean.size == rstd.size == N
-    _check_bf16x8(dinp, dweight, dbias, dout, inp, weight)
-    _check_f32(mean, rstd)
+    check(cp.uint16, dinp, dweight, dbias, dout, inp, weight, align=16)
+    check(cp.float32, mean, rstd)
     blocks = min(N, _LN_BWD_MAX_BLOCKS)
     partials = scratch(blocks * 2 * C * 4)  # fp32 (blocks, 2C): dweight | dbias sums per block
     kernel("layernorm", "layernorm_backward")((blocks,), (ceil_div(C // 8, 32) * 32,),
@@ -129,7 +127,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
 
 def residual_forward(out, inp1, inp2):
     assert out.shape == inp1.shape == inp2.shape and out.size % 8 == 0 and out.size < 2**31
-    _check_bf16x8(out, inp1, inp2)
+    check(cp.uint16, out, inp1, inp2, align=16)
     chunks = out.size // 8
     kernel("layernorm", "residual_forward")((ceil_div(chunks, _BLOCK),), (_BLOCK,), (out, inp1, inp2, i32(chunks)))
 
@@ -139,8 +137,8 @@ def fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bia
     N = inp1.size // C
     assert C % 8 == 0 and residual.shape == normed.shape == inp1.shape == inp2.shape
     assert weight.shape == bias.shape == (C,) and mean.size == rstd.size == N and inp1.size < 2**31
-    _check_bf16x8(residual, normed, inp1, inp2, weight, bias)
-    _check_f32(mean, rstd)
+    check(cp.uint16, residual, normed, inp1, inp2, weight, bias, align=16)
+    check(cp.float32, mean, rstd)
     kernel("layernorm", "fused_residual_forward")(
         (ceil_div(N, _LN_ROWS_PER_BLOCK),), (32 * _LN_ROWS_PER_BLOCK,),
         (residual, normed, mean, rstd, inp1, inp2, weight, bias, i32(N), i32(C)))
@@ -149,7 +147,7 @@ def fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bia
 def gelu_forward(out, inp):
     N = inp.size
     assert out.size == N and 0 < N < 2**31
-    _check_bf16x8(out, inp)
+    check(cp.uint16, out, inp, align=16)
     threads = N // 8 + N % 8  # a thread per whole chunk of 8, then one per leftover value
     kernel("gelu", "gelu_forward")((ceil_div(threads, _BLOCK),), (_BLOCK,), (out, inp, i32(N)))
 
@@ -157,7 +155,7 @@ def gelu_forward(out, inp):
 def gelu_backward(dinp, inp, dout):
     N = inp.size
     assert dinp.size == dout.size == N and 0 < N < 2**31
-    _check_bf16x8(dinp, inp, dout)
+    check(cp.uint16, dinp, inp, dout, align=16)
     threads = N // 8 + N % 8
     kernel("gelu", "gelu_backward")((ceil_div(threads, _BLOCK),), (_BLOCK,), (dinp, inp, dout, i32(N)))
 
@@ -250,11 +248,7 @@ def _matmul_plan(handle, pref, m, n, k, transa, transb, epilogue, bias, aux):
 def _cublaslt_matmul(d, a, b, m, n, k, transa, transb, epilogue, bias=None, aux=None, accumulate=False):
     """Column-major D (m x n, ld m) = op(A) @ op(B), plus D itself if accumulate, through `epilogue`
     (bias: m values; aux: m x n, ld m). All bf16, C-contiguous, 16-byte aligned."""
-    for x in (d, a, b, bias, aux):
-        if x is not None:
-            assert x.dtype == cp.uint16 and x.flags.c_contiguous, "bf16 matmul operands are C-contiguous uint16"
-            assert x.data.ptr % CUBLASLT_ALIGNMENT == 0, \
-                "cuBLASLt wants 16-byte aligned bf16 pointers: views at offsets that are multiples of 8 elements"
+    check(cp.uint16, *(x for x in (d, a, b, bias, aux) if x is not None), align=CUBLASLT_ALIGNMENT)
     handle, workspace, pref = _cublaslt_context()
     epilogue = int(epilogue)
     key = (m, n, k, transa, transb, epilogue)
@@ -298,8 +292,8 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None):
     # dweight^T (C x OC, column-major) += inp^T (C x BT) @ dout (BT x OC): beta = 1 accumulates
     _cublaslt_matmul(dweight, inp, dout, C, OC, BT, False, True, _lt.Epilogue.DEFAULT, accumulate=True)
     if dbias is not None:
-        assert dbias.shape == (OC,) and dbias.dtype == cp.uint16 and dout.dtype == cp.uint16
-        assert OC % 8 == 0 and dout.flags.c_contiguous and dout.data.ptr % 16 == 0, "16-byte row loads"
+        check(cp.uint16, dbias)  # dout was checked (16-byte aligned rows) by the dweight matmul above
+        assert dbias.shape == (OC,) and OC % 8 == 0
         num_slabs = ceil_div(BT, MATMUL_DBIAS_ROWS_PER_SLAB)
         assert num_slabs <= 65535, "grid.y limit"
         partials = scratch(4 * num_slabs * OC)
@@ -323,7 +317,8 @@ ATTENTION_HEAD_SIZE, ATTENTION_TILE = 64, 64  # attention.cu's HS and TILE
 def attention_forward(out, lse, qkv):
     B, NH, T = lse.shape
     assert qkv.shape == (B, T, 3 * NH * ATTENTION_HEAD_SIZE) and out.shape == (B, T, NH * ATTENTION_HEAD_SIZE)
-    assert qkv.dtype == out.dtype == cp.uint16 and lse.dtype == cp.float32
+    check(cp.uint16, out, qkv, align=16)
+    check(cp.float32, lse)
     grid = (ceil_div(T, ATTENTION_TILE), B * NH)
     kernel("attention", "attention_forward")(grid, (128,), (out, lse, qkv, i32(T), i32(NH)))
 
@@ -331,6 +326,8 @@ def attention_forward(out, lse, qkv):
 def attention_backward(dqkv, dout, qkv, out, lse):
     B, NH, T = lse.shape
     assert dqkv.shape == qkv.shape == (B, T, 3 * NH * ATTENTION_HEAD_SIZE) and dout.shape == out.shape
+    check(cp.uint16, dqkv, dout, qkv, out, align=16)
+    check(cp.float32, lse)
     grid = (ceil_div(T, ATTENTION_TILE), B * NH)
     args = (dqkv, dout, qkv, out, lse, i32(T), i32(NH))
     kernel("attention", "attention_backward_dq")(grid, (128,), args)
@@ -345,10 +342,11 @@ CLASSIFIER_THREADS = 512  # one block per row; 50304 / 8 vectors is ~12 per thre
 def fused_classifier(logits, losses, targets, vocab_size, dloss, write_dlogits):
     Vp = logits.shape[-1]
     rows = logits.size // Vp
-    assert logits.dtype == cp.uint16 and losses.dtype == cp.float32 and targets.dtype == cp.int32
-    assert logits.flags.c_contiguous and losses.flags.c_contiguous and targets.flags.c_contiguous
+    check(cp.uint16, logits, align=16)
+    check(cp.float32, losses)
+    check(cp.int32, targets)
     assert losses.size == rows and targets.size == rows
-    assert Vp % 8 == 0 and logits.data.ptr % 16 == 0 and 0 < vocab_size <= Vp
+    assert Vp % 8 == 0 and 0 < vocab_size <= Vp
     kernel("classifier", "fused_classifier_kernel")(
         (rows,), (CLASSIFIER_THREADS,),
         (logits, losses, targets, i32(vocab_size), i32(Vp), f32(dloss), i32(bool(write_dlogits))))
@@ -362,7 +360,7 @@ NORM_THREADS = 512
 
 
 def global_norm(grads):
-    assert grads.dtype == cp.uint16 and grads.flags.c_contiguous
+    check(cp.uint16, grads)
     n = grads.size
     head = min((-grads.data.ptr) % 16 // 2, n)  # elements before the first 16-byte boundary
     buf = scratch(4 * NORM_BLOCKS + 8)
@@ -376,9 +374,9 @@ def global_norm(grads):
 
 def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed):
     n = params.size
-    assert params.dtype == cp.uint16 and grads.dtype == cp.uint16 and m.dtype == cp.float32 and v.dtype == cp.float32
+    check(cp.uint16, params, grads)
+    check(cp.float32, m, v)
     assert grads.size == n and m.size == n and v.size == n
-    assert all(a.flags.c_contiguous for a in (params, grads, m, v))
     assert 0 <= seed < 2**64
     # the twin's scalars, folded in float64 as it folds them, then rounded to fp32 as NumPy does
     scalars = (f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2), f32(1.0 / np.sqrt(1.0 - beta2 ** t)),
@@ -387,22 +385,25 @@ def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, g
     if master is None:
         kernel("adamw", "adamw_kernel")(grid, (ADAMW_THREADS,), (params, grads, m, v, np.int64(n), *scalars))
     else:
-        assert master.dtype == cp.float32 and master.size == n and master.flags.c_contiguous
+        check(cp.float32, master)
+        assert master.size == n
         kernel("adamw", "adamw_master_kernel")(grid, (ADAMW_THREADS,),
                                                (params, grads, m, v, master, np.int64(n), *scalars))
 
 
 def bf16_to_float(out, inp):
     """out (fp32) = inp (bf16), exactly: the master weights' starting values."""
-    assert out.dtype == cp.float32 and inp.dtype == cp.uint16 and out.size == inp.size
-    assert out.flags.c_contiguous and inp.flags.c_contiguous
+    check(cp.float32, out)
+    check(cp.uint16, inp)
+    assert out.size == inp.size
     n = inp.size
     kernel("adamw", "bf16_to_float_kernel")((ceil_div(n, ADAMW_THREADS),), (ADAMW_THREADS,), (out, inp, np.int64(n)))
 
 
 def float_to_bf16(out, inp):
     """out (bf16) = inp (fp32) rounded to nearest even."""
-    assert out.dtype == cp.uint16 and inp.dtype == cp.float32 and out.size == inp.size
-    assert out.flags.c_contiguous and inp.flags.c_contiguous
+    check(cp.uint16, out)
+    check(cp.float32, inp)
+    assert out.size == inp.size
     n = inp.size
     kernel("adamw", "float_to_bf16_kernel")((ceil_div(n, ADAMW_THREADS),), (ADAMW_THREADS,), (out, inp, np.int64(n)))

@@ -5,10 +5,8 @@ default CPU AdamW, weight decay on 2-D weights). Print both, the ratio, and writ
     python dev/bench/cpu_step.py -e d6 -b 4 -t 128 -n 5
 """
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,8 +17,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "dev")]
 import torch_gpt2 as ref  # noqa: E402
+import records  # noqa: E402
 import train_gpt2 as gpt  # noqa: E402
-from fileformats import atomic_write  # noqa: E402
 from kernels import reference as K  # noqa: E402
 
 LR, WEIGHT_DECAY = 3e-4, 0.1
@@ -49,7 +47,7 @@ def main():
     parser.add_argument("-b", type=int, default=4, help="batch size")
     parser.add_argument("-t", type=int, default=64, help="sequence length")
     parser.add_argument("-n", type=int, default=5, help="timed repeats (median reported)")
-    parser.add_argument("-o", default=str(REPO / "dev/bench/results"), help="directory for the JSON record")
+    parser.add_argument("-o", default=str(records.RESULTS), help="directory for the JSON record")
     args = parser.parse_args()
 
     config = gpt.config_from_descriptor(args.e)
@@ -84,8 +82,7 @@ def main():
     record = {
         "device": f"CPU: {cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__} threads "
                   f"{torch.get_num_threads()}, numpy {np.__version__}",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": records.commit(),
         "command": "python dev/bench/cpu_step.py " + " ".join(sys.argv[1:]),
         "what": f"training step (forward, backward, clip, AdamW), {args.e}, B={args.b}, T={args.t}, fp32, "
                 f"median of {args.n}",
@@ -95,11 +92,7 @@ def main():
     }
     print(f"{record['what']}\nNumPy twins   {record['ours_ms']:9.2f} ms\nPyTorch eager {record['torch_ms']:9.2f} ms\n"
           f"ratio (ours / torch time) {record['ratio_ours_over_torch']:.3f}")
-    os.makedirs(args.o, exist_ok=True)
-    path = Path(args.o) / f"cpu_step_{args.e}_b{args.b}_t{args.t}.json"
-    with atomic_write(path) as f:
-        f.write((json.dumps(record, indent=2) + "\n").encode())
-    print(f"wrote {path}")
+    records.write(args.o, f"cpu_step_{args.e}_b{args.b}_t{args.t}.json", record)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,14 @@ own: a 1 GiB device-to-device copy (bytes read + written) and a bf16 8192^3 torc
 
     python dev/bench/kernels.py -b 8 -n 20
 """
-import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO)]
+import records  # noqa: E402
 from cli import ArgumentParser, fail  # noqa: E402
 
 C, NH = 768, 12                  # GPT-2 124M
@@ -38,7 +36,7 @@ def parse_args(argv):
     parser.add_argument("-t", type=int, default=1024, help="sequence length T")
     parser.add_argument("-n", type=int, default=20, help="timed repeats (the median is reported)")
     parser.add_argument("-w", type=int, default=3, help="warm-up calls before timing")
-    parser.add_argument("-o", default=str(REPO / "dev/bench/results"), help="directory for the JSON record")
+    parser.add_argument("-o", default=str(records.RESULTS), help="directory for the JSON record")
     args = parser.parse_args(argv)
     for flag, least in (("b", 1), ("t", 1), ("n", 1), ("w", 0)):
         if getattr(args, flag) < least:
@@ -47,7 +45,7 @@ def parse_args(argv):
 
 
 def load_backends():
-    """torch, cupy, our kernels and the record writer, or one line on why not."""
+    """torch, cupy and our kernels, or one line on why not."""
     try:
         import torch
     except ImportError:
@@ -56,11 +54,10 @@ def load_backends():
         fail("no CUDA device: this benchmark times GPU kernels")
     try:
         import cupy
-        from fileformats import atomic_write
         from kernels import cuda
     except Exception as e:  # CuPy or nvcc missing, a kernel that does not compile
         fail(f"cannot load our CUDA kernels: {str(e).strip().splitlines()[0]}")
-    return torch, cupy, cuda, atomic_write
+    return torch, cupy, cuda
 
 
 class Bench:
@@ -271,7 +268,7 @@ def row_text(e):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch, cp, K, atomic_write = load_backends()
+    torch, cp, K = load_backends()
     B, T = args.b, args.t
     if T > 1024:
         fail(f"-t {T}: GPT-2 124M's wpe has 1024 positions")
@@ -300,8 +297,7 @@ def main(argv=None):
 
     record = {
         "device": f"{device}, torch {torch.__version__}, cupy {cp.__version__}",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": records.commit(),
         "command": "python dev/bench/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "what": f"each CUDA kernel vs its PyTorch counterpart, GPT-2 124M shapes B={B} T={T} C={C} NH={NH} "
                 f"Vp={VP}, median of {args.n} CUDA-event timings after {args.w} warm-up, L2 flushed before each; "
@@ -310,12 +306,8 @@ def main(argv=None):
         "peaks": reference,
         "kernels": rows,
     }
-    os.makedirs(args.o, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    path = Path(args.o) / f"kernels_{slug}.json"
-    with atomic_write(path) as f:
-        f.write((json.dumps(record, indent=2) + "\n").encode())
-    print(f"wrote {path}")
+    records.write(args.o, f"kernels_{slug}.json", record)
 
 
 if __name__ == "__main__":

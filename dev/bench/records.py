@@ -1,0 +1,26 @@
+"""What every benchmark here leaves behind: a JSON record (device, commit, command, figures) in
+dev/bench/results/, written to a temporary name and renamed. The scripts put the repository on
+sys.path before importing this."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from fileformats import atomic_write
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "dev/bench/results"
+
+
+def commit():
+    """The checked-out commit, short form: what the figures were measured on."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def write(directory, name, record):
+    os.makedirs(directory, exist_ok=True)
+    path = Path(directory) / name
+    with atomic_write(path) as f:
+        f.write((json.dumps(record, indent=2) + "\n").encode())
+    print(f"wrote {path}")
