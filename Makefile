@@ -35,9 +35,11 @@ kernels:
 	$(PYTHON) -m kernels sm_80 sm_90a
 
 # on a GPU machine with CUDA PyTorch and requirements-gpu.txt: each kernel beside its PyTorch
-# counterpart at GPT-2 124M shapes; writes dev/bench/results/kernels_<gpu>.json
+# counterpart at GPT-2 124M shapes, then whole training steps of GPT-2 124M beside PyTorch's;
+# writes dev/bench/results/kernels_<gpu>.json and train_<gpu>_d12_b16_t1024.json
 bench: kernels
 	$(PYTHON) dev/bench/kernels.py
+	$(PYTHON) dev/bench/train.py
 
 clean:
 	rm -rf $(VENV) log_demo .pytest_cache kernels/build

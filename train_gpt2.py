@@ -27,7 +27,7 @@ from cli import ArgumentParser, fail
 from dataloader import DataLoader
 from fileformats import (FormatError, GPT2Config, OptimizerState, atomic_write, num_parameters, param_shapes,
                          read_hellaswag, read_model, read_state, read_tokenizer, write_model, write_state)
-from kernels import reference as K  # the backend: the NumPy twins
+from kernels import BuildError, cuda_unavailable, reference
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -47,6 +47,9 @@ VAL_DATA = "data/tinyshakespeare/tiny_shakespeare_val.bin"
 TOKENIZER = "data/gpt2_tokenizer.bin"                           # decodes the samples
 HELLASWAG = "data/hellaswag/hellaswag_val.bin"                  # llm.c's dev/data/hellaswag.py writes this format
 
+# bf16 dense tensor-core peaks (FLOP/s) that MFU is measured against: the first name the device's contains
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12))
+
 
 def config_from_descriptor(descriptor):
     """'dN' or 'gpt2:dN': llm.c's depths 6/12/24/36/48 take GPT-2's widths; any other N gives
@@ -60,29 +63,60 @@ def config_from_descriptor(descriptor):
                       num_heads=heads, channels=channels, padded_vocab_size=GPT2_PADDED_VOCAB_SIZE)
 
 
-def activation_shapes(config, B, T):
-    """Every activation of one forward + backward at micro-batch (B, T), in one flat buffer."""
+def flops_per_token(config, T):
+    """llm.c's count for a training step: 6 per parameter (the matmuls, forward and backward) plus
+    6 L C T for attention's two products."""
+    return 6 * num_parameters(config) + 6 * config.num_layers * config.channels * T
+
+
+def peak_flops(device):
+    """The device's bf16 peak from PEAK_BF16_FLOPS, or None (the CPU, an unlisted GPU): no MFU then."""
+    return next((flops for name, flops in PEAK_BF16_FLOPS if name in device), None)
+
+
+def activation_shapes(config, B, T, recompute):
+    """Every activation of one forward + backward at micro-batch (B, T), as name -> (shape, dtype),
+    in one flat buffer. dtype None is the backend's float (fp32 on the CPU, bf16 on the GPU); row
+    statistics and losses are fp32 everywhere. With -r 1 the GELU outputs, and with -r 2 the
+    layernorm outputs too, are kept for one layer only and recomputed in backward."""
     L, NH, C, Vp = config.num_layers, config.num_heads, config.channels, config.padded_vocab_size
+    L_gelu = 1 if recompute >= 1 else L
+    L_ln = 1 if recompute >= 2 else L
+    f32 = np.float32
     return {
-        "encoded": (B, T, C),        # token + position embeddings, the residual stream's start
-        "ln1": (L, B, T, C), "ln1_mean": (L, B, T), "ln1_rstd": (L, B, T),
-        "qkv": (L, B, T, 3 * C),
-        "atty": (L, B, T, C),        # attention output, heads side by side
-        "att_lse": (L, B, NH, T),    # per-row log-sum-exp of the attention scores (fp32 on every backend)
-        "residual2": (L, B, T, C),   # residual stream after the attention block
-        "ln2": (L, B, T, C), "ln2_mean": (L, B, T), "ln2_rstd": (L, B, T),
-        "fch": (L, B, T, 4 * C),     # MLP pre-activation
-        "fch_gelu": (L, B, T, 4 * C),
-        "residual3": (L, B, T, C),   # residual stream after the MLP block
-        "lnf": (B, T, C), "lnf_mean": (B, T), "lnf_rstd": (B, T),
-        "logits": (B, T, Vp),        # overwritten by dlogits in backward
-        "losses": (B, T),
-        "proj_out": (B, T, C),       # attention / MLP projection, before it joins the residual
+        "inputs": ((B, T), np.int32), "targets": ((B, T), np.int32),  # token ids
+        "encoded": ((B, T, C), None),  # token + position embeddings, the residual stream's start
+        "ln1": ((L_ln, B, T, C), None), "ln1_mean": ((L, B, T), f32), "ln1_rstd": ((L, B, T), f32),
+        "qkv": ((L, B, T, 3 * C), None),
+        "atty": ((L, B, T, C), None),       # attention output, heads side by side
+        "att_lse": ((L, B, NH, T), f32),    # per-row log-sum-exp of the attention scores
+        "residual2": ((L, B, T, C), None),  # residual stream after the attention block
+        "ln2": ((L_ln, B, T, C), None), "ln2_mean": ((L, B, T), f32), "ln2_rstd": ((L, B, T), f32),
+        "fch": ((L, B, T, 4 * C), None),    # MLP pre-activation
+        "fch_gelu": ((L_gelu, B, T, 4 * C), None),
+        "residual3": ((L, B, T, C), None),  # residual stream after the MLP block
+        "lnf": ((B, T, C), None), "lnf_mean": ((B, T), f32), "lnf_rstd": ((B, T), f32),
+        "logits": ((B, T, Vp), None),       # overwritten by dlogits in backward
+        "losses": ((B, T), f32),
+        "proj_out": ((B, T, C), None),      # attention / MLP projection, before it joins the residual
         # backward scratch
-        "dresidual": (B, T, C),      # gradient of the residual stream, carried down the layers
-        "dbtc": (B, T, C),
-        "dbt4c": (B, T, 4 * C),      # its first B*T*3C also serve as dqkv
+        "dresidual": ((B, T, C), None),     # gradient of the residual stream, carried down the layers
+        "dbtc": ((B, T, C), None),
+        "dbt4c": ((B, T, 4 * C), None),     # its first B*T*3C also serve as dqkv
     }
+
+
+ACTIVATION_ALIGN = 256  # bytes: each activation starts where 16-byte vector loads and cuBLASLt want it
+
+
+def activation_layout(shapes, float_dtype):
+    """Byte spans of the activation buffer: (name -> (offset, shape, dtype), total bytes)."""
+    spans, offset = {}, 0
+    for name, (shape, dtype) in shapes.items():
+        dtype = np.dtype(dtype or float_dtype)
+        spans[name] = (offset, shape, dtype)
+        offset += -(-math.prod(shape) * dtype.itemsize // ACTIVATION_ALIGN) * ACTIVATION_ALIGN
+    return spans, offset
 
 
 def layout(shapes):
@@ -102,21 +136,38 @@ def carve(buffer, shapes):
     return {name: buffer[sl].reshape(shape) for name, (sl, shape) in spans.items()}
 
 
-class GPT2:
-    """A GPT-2 over flat buffers: params, grads, AdamW's m and v, and the activations of (B, T)."""
+def layer(activation, l):
+    """Layer l's slice of a per-layer activation; one that -r recomputes has a single slice for all."""
+    return activation[l if activation.shape[0] > 1 else 0]
 
-    def __init__(self, config, params, B, T):
-        assert params.shape == (num_parameters(config),) and params.dtype == np.float32
+
+class GPT2:
+    """A GPT-2 on backend K (kernels.reference or kernels.cuda) over flat buffers: parameters and
+    gradients in K's float, fp32 AdamW m and v, fp32 master weights where the parameters are bf16
+    (unless master_weights is off, -w 0), and the activations of (B, T). params: the fp32 host
+    values to start from (on the GPU: rounded to bf16 for the parameters, kept whole as master).
+    recompute is -r, gelu_fusion -ge (resolved: 0, 1 or 2)."""
+
+    def __init__(self, config, params, B, T, K=reference, recompute=1, gelu_fusion=2, master_weights=True):
+        n = num_parameters(config)
+        assert params.shape == (n,) and params.dtype == np.float32
         assert T <= config.max_seq_len and config.channels % config.num_heads == 0
-        self.config, self.B, self.T = config, B, T
+        assert recompute in (0, 1, 2) and gelu_fusion in (0, 1, 2)
+        self.config, self.B, self.T, self.K = config, B, T, K
+        self.recompute, self.gelu_fusion = recompute, gelu_fusion
+        self.params = K.zeros(n, K.FLOAT)
+        K.upload(self.params, params)
+        self.master = None
+        if master_weights and K.FLOAT != np.float32:
+            self.master = K.zeros(n, np.float32)
+            K.upload(self.master, params)
+        self.grads = K.zeros(n, K.FLOAT)
+        self.m = K.zeros(n, np.float32)
+        self.v = K.zeros(n, np.float32)
         shapes = param_shapes(config)
-        self.params = params
-        self.grads = np.zeros_like(params)
-        self.m = np.zeros_like(params)
-        self.v = np.zeros_like(params)
         self.p = carve(self.params, shapes)
         self.g = carve(self.grads, shapes)
-        self.acts_memory = np.zeros(layout(activation_shapes(config, B, T))[1], dtype=np.float32)
+        self.acts_memory = K.zeros(activation_layout(activation_shapes(config, B, T, recompute), K.FLOAT)[1], np.uint8)
         self._acts = {}
         self.a = self.acts(B, T)
         # parameter name -> its slice of the flat buffers, for the per-tensor update
@@ -126,10 +177,10 @@ class GPT2:
         """The activation views for a (B, T) forward. Every activation scales with B*T, so any
         smaller batch (sampling, HellaSwag) fits in the buffer laid out for the training batch."""
         if (B, T) not in self._acts:
-            shapes = activation_shapes(self.config, B, T)
-            size = layout(shapes)[1]
+            spans, size = activation_layout(activation_shapes(self.config, B, T, self.recompute), self.K.FLOAT)
             assert size <= self.acts_memory.size and T <= self.config.max_seq_len, (B, T)
-            self._acts[B, T] = carve(self.acts_memory[:size], shapes)
+            self._acts[B, T] = {name: self.acts_memory[offset:offset + math.prod(shape) * dtype.itemsize]
+                                .view(dtype).reshape(shape) for name, (offset, shape, dtype) in spans.items()}
         return self._acts[B, T]
 
 
@@ -197,25 +248,33 @@ def init_params(config, seed=42):
 # ----------------------------------------------------------------------------- forward
 
 def forward(model, inputs):
-    """inputs (B,T) int32 -> model.acts(B, T)['logits'] (B,T,Vp), keeping every activation backward
-    needs. B*T may be smaller than the training batch's."""
-    p, a, L = model.p, model.acts(*inputs.shape), model.config.num_layers
-    K.encoder_forward(a["encoded"], inputs, p["wte"], p["wpe"])
+    """inputs (B,T) int32 on the host -> model.acts(B, T)['logits'] (B,T,Vp), keeping every
+    activation backward needs. B*T may be smaller than the training batch's."""
+    K, p, L = model.K, model.p, model.config.num_layers
+    a = model.acts(*inputs.shape)
+    K.upload(a["inputs"], inputs)
+    K.encoder_forward(a["encoded"], a["inputs"], p["wte"], p["wpe"])
     K.layernorm_forward(a["ln1"][0], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"], p["ln1w"][0], p["ln1b"][0])
     for l in range(L):
         residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
+        ln1, ln2, fch_gelu = layer(a["ln1"], l), layer(a["ln2"], l), layer(a["fch_gelu"], l)
         # attention block
-        K.matmul_forward(a["qkv"][l], a["ln1"][l], p["qkvw"][l], p["qkvb"][l])
+        K.matmul_forward(a["qkv"][l], ln1, p["qkvw"][l], p["qkvb"][l])
         K.attention_forward(a["atty"][l], a["att_lse"][l], a["qkv"][l])
         K.matmul_forward(a["proj_out"], a["atty"][l], p["attprojw"][l], p["attprojb"][l])
-        K.fused_residual_forward(a["residual2"][l], a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l],
+        K.fused_residual_forward(a["residual2"][l], ln2, a["ln2_mean"][l], a["ln2_rstd"][l],
                                  residual, a["proj_out"], p["ln2w"][l], p["ln2b"][l])
         # MLP block
-        K.matmul_forward(a["fch_gelu"][l], a["ln2"][l], p["fcw"][l], p["fcb"][l], pre_gelu=a["fch"][l])
-        K.matmul_forward(a["proj_out"], a["fch_gelu"][l], p["fcprojw"][l], p["fcprojb"][l])
+        if model.gelu_fusion >= 1:
+            K.matmul_forward(fch_gelu, ln2, p["fcw"][l], p["fcb"][l], pre_gelu=a["fch"][l])
+        else:
+            K.matmul_forward(a["fch"][l], ln2, p["fcw"][l], p["fcb"][l])
+            K.gelu_forward(fch_gelu, a["fch"][l])
+        K.matmul_forward(a["proj_out"], fch_gelu, p["fcprojw"][l], p["fcprojb"][l])
         # the residual add is fused with the layernorm that follows it: the next layer's ln1, or lnf
         if l + 1 < L:
-            next_ln = (a["ln1"][l + 1], a["ln1_mean"][l + 1], a["ln1_rstd"][l + 1], p["ln1w"][l + 1], p["ln1b"][l + 1])
+            next_ln = (layer(a["ln1"], l + 1), a["ln1_mean"][l + 1], a["ln1_rstd"][l + 1], p["ln1w"][l + 1],
+                       p["ln1b"][l + 1])
         else:
             next_ln = (a["lnf"], a["lnf_mean"], a["lnf_rstd"], p["lnfw"], p["lnfb"])
         normed, mean, rstd, weight, bias = next_ln
@@ -226,53 +285,69 @@ def forward(model, inputs):
 # ----------------------------------------------------------------------------- backward
 
 def zero_grad(model):
-    model.grads[:] = 0.0
+    model.grads.fill(0)
 
 
-def backward(model, inputs, targets, grad_accum_steps=1):
-    """Loss of the last forward, and its gradient accumulated into model.grads (each micro-step
-    adds its share, 1/grad_accum_steps of a mean over tokens). Returns this micro-step's mean loss."""
-    B, T = inputs.shape
-    p, g, a, L = model.p, model.g, model.acts(B, T), model.config.num_layers
+def backward(model, targets, grad_accum_steps=1):
+    """Loss of the last forward against targets (B,T) int32 on the host, and its gradient
+    accumulated into model.grads (each micro-step adds its share, 1/grad_accum_steps of a mean over
+    tokens). Returns this micro-step's mean loss."""
+    B, T = targets.shape
+    K, p, g, a, L = model.K, model.p, model.g, model.acts(B, T), model.config.num_layers
+    K.upload(a["targets"], targets)
     dloss = 1.0 / (B * T * grad_accum_steps)
-    K.fused_classifier(a["logits"], a["losses"], targets, model.config.vocab_size, dloss, write_dlogits=True)
+    K.fused_classifier(a["logits"], a["losses"], a["targets"], model.config.vocab_size, dloss, write_dlogits=True)
     dlogits, dresidual, dbtc, dbt4c = a["logits"], a["dresidual"], a["dbtc"], a["dbt4c"]
     dqkv = dbt4c.reshape(-1)[:B * T * 3 * model.config.channels].reshape(B, T, -1)
-    dresidual[:] = 0.0
+    dresidual.fill(0)
     K.matmul_backward(dbtc, g["wte"], None, dlogits, a["lnf"], p["wte"])
     K.layernorm_backward(dresidual, g["lnfw"], g["lnfb"], dbtc, a["residual3"][L - 1], p["lnfw"],
                          a["lnf_mean"], a["lnf_rstd"])
     for l in reversed(range(L)):
         residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
+        ln1, ln2, fch_gelu = layer(a["ln1"], l), layer(a["ln2"], l), layer(a["fch_gelu"], l)
+        if model.recompute >= 2:  # this layer's layernorm outputs, again from their inputs
+            K.layernorm_forward(ln1, a["ln1_mean"][l], a["ln1_rstd"][l], residual, p["ln1w"][l], p["ln1b"][l])
+            K.layernorm_forward(ln2, a["ln2_mean"][l], a["ln2_rstd"][l], a["residual2"][l], p["ln2w"][l],
+                                p["ln2b"][l])
+        if model.recompute >= 1:  # and its GELU output
+            K.gelu_forward(fch_gelu, a["fch"][l])
         # MLP block: dresidual is d(residual3[l]), which flows unchanged to residual2[l] and the MLP
-        K.matmul_backward(dbt4c, g["fcprojw"][l], g["fcprojb"][l], dresidual, a["fch_gelu"][l], p["fcprojw"][l],
-                          pre_gelu=a["fch"][l])
-        K.matmul_backward(dbtc, g["fcw"][l], g["fcb"][l], dbt4c, a["ln2"][l], p["fcw"][l])
+        if model.gelu_fusion >= 2:
+            K.matmul_backward(dbt4c, g["fcprojw"][l], g["fcprojb"][l], dresidual, fch_gelu, p["fcprojw"][l],
+                              pre_gelu=a["fch"][l])
+        else:
+            K.matmul_backward(dbt4c, g["fcprojw"][l], g["fcprojb"][l], dresidual, fch_gelu, p["fcprojw"][l])
+            K.gelu_backward(dbt4c, a["fch"][l], dbt4c)
+        K.matmul_backward(dbtc, g["fcw"][l], g["fcb"][l], dbt4c, ln2, p["fcw"][l])
         K.layernorm_backward(dresidual, g["ln2w"][l], g["ln2b"][l], dbtc, a["residual2"][l], p["ln2w"][l],
                              a["ln2_mean"][l], a["ln2_rstd"][l])
         # attention block
         K.matmul_backward(dbtc, g["attprojw"][l], g["attprojb"][l], dresidual, a["atty"][l], p["attprojw"][l])
         K.attention_backward(dqkv, dbtc, a["qkv"][l], a["atty"][l], a["att_lse"][l])
-        K.matmul_backward(dbtc, g["qkvw"][l], g["qkvb"][l], dqkv, a["ln1"][l], p["qkvw"][l])
+        K.matmul_backward(dbtc, g["qkvw"][l], g["qkvb"][l], dqkv, ln1, p["qkvw"][l])
         K.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], dbtc, residual, p["ln1w"][l],
                              a["ln1_mean"][l], a["ln1_rstd"][l])
-    K.encoder_backward(g["wte"], g["wpe"], dresidual, inputs)
+    K.encoder_backward(g["wte"], g["wpe"], dresidual, a["inputs"])
     return float(a["losses"].mean())
 
 
 # ----------------------------------------------------------------------------- update
 
 def grad_norm(model):
-    return K.global_norm(model.grads)
+    return model.K.global_norm(model.grads)
 
 
 def update(model, lr, weight_decay, step, grad_scale, seed):
     """One AdamW step (t = step + 1) on the gradients times grad_scale (the clip), per tensor so
-    that weight decay reaches the 2-D weights only. seed feeds the GPU's stochastic rounding."""
-    for name, sl in model.slices.items():
+    that weight decay reaches the 2-D weights only. seed (32 bits) feeds the GPU's stochastic
+    rounding; the tensor's index goes in the high word, so no two tensors round alike."""
+    K = model.K
+    for i, (name, sl) in enumerate(model.slices.items()):
         wd = weight_decay if name in DECAYED else 0.0
-        K.adamw(model.params[sl], model.grads[sl], model.m[sl], model.v[sl], None, step + 1, lr,
-                ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, wd, grad_scale, seed)
+        master = None if model.master is None else model.master[sl]
+        K.adamw(model.params[sl], model.grads[sl], model.m[sl], model.v[sl], master, step + 1, lr,
+                ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, wd, grad_scale, seed | i << 32)
 
 
 def learning_rate(schedule, step, num_steps, max_lr, warmup, final_frac):
@@ -319,10 +394,12 @@ def xorshift_u32(state):
 # ----------------------------------------------------------------------------- evaluation
 
 def token_losses(model, inputs, targets):
-    """Per-token cross-entropy (B,T) of the model on a batch, without touching the gradients."""
+    """Per-token cross-entropy (B,T), on the backend, of the model on a batch, without touching the
+    gradients."""
     forward(model, inputs)
-    a = model.acts(*inputs.shape)
-    K.fused_classifier(a["logits"], a["losses"], targets, model.config.vocab_size, 0.0, write_dlogits=False)
+    K, a = model.K, model.acts(*inputs.shape)
+    K.upload(a["targets"], targets)
+    K.fused_classifier(a["logits"], a["losses"], a["targets"], model.config.vocab_size, 0.0, write_dlogits=False)
     return a["losses"]
 
 
@@ -344,7 +421,8 @@ def hellaswag_accuracy(model, examples):
         for i, row in enumerate(rows):
             tokens[i, :len(row)] = row
             mask[i, len(ex.context) - 1:len(row) - 1] = True
-        losses = token_losses(model, np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:]))
+        losses = model.K.download(token_losses(model, np.ascontiguousarray(tokens[:, :-1]),
+                                               np.ascontiguousarray(tokens[:, 1:])))
         mean_losses = (losses * mask).sum(axis=1) / mask.sum(axis=1)
         correct += int(np.argmin(mean_losses) == ex.label)
     return correct / len(examples)
@@ -358,7 +436,7 @@ def sample(model, num_tokens, eot, seed):
     V = model.config.vocab_size
     for t in range(1, num_tokens):
         forward(model, tokens[:, :t])
-        logits = model.acts(1, t)["logits"][0, t - 1, :V].astype(np.float64)
+        logits = model.K.download(model.acts(1, t)["logits"][0, t - 1, :V]).astype(np.float64)
         probs = np.exp(logits - logits.max())
         cdf = np.cumsum(probs / probs.sum())
         tokens[0, t] = min(int(np.searchsorted(cdf, rng.random(), side="right")), V - 1)
@@ -373,9 +451,11 @@ def load_params(path):
     return config, stored.astype(np.float32)
 
 
-def save_model(model, path, version=3):
-    """Version 3 stores fp32; version 5 rounds to bf16 (nearest even)."""
-    write_model(path, model.config, model.params, version)
+def save_model(model, path):
+    """Version 3 (fp32) from fp32 parameters (the CPU), version 5 from bf16 ones (the GPU): either
+    way the file holds the parameters bit for bit."""
+    version = 3 if model.params.dtype == np.float32 else 5
+    write_model(path, model.config, model.K.download(model.params), version)
 
 
 def checkpoint_paths(run_dir, step, rank=0):
@@ -484,12 +564,14 @@ def parse_args(argv):
     add("-g", type=int, default=64, help="tokens per sample, the first being EOT (default: %(default)s)")
     add("-h", type=int, default=0, choices=(0, 1), help=f"1: HellaSwag accuracy with the val loss ({HELLASWAG})")
     add("-a", type=int, default=0, choices=(0, 1), help="1: overfit the first batch (no shuffling)")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cuda: the CUDA kernels (bf16), cpu: "
+        "the NumPy twins (fp32), auto: cuda when a GPU is usable, else cpu (default: %(default)s)")
     add("-w", type=int, default=1, choices=(0, 1), help="keep fp32 master weights (GPU; the CPU is fp32 already)")
-    add("-ge", type=int, default=-1, choices=(-1, 0, 1, 2), help="GELU fusion (GPU): 0 none, 1 forward, "
+    add("-ge", type=int, default=-1, choices=(-1, 0, 1, 2), help="GELU fused into the matmuls: 0 none, 1 forward, "
                                                                 "2 forward+backward (-1: 2 on sm90 and newer, else 0)")
     add("-z", type=int, default=0, choices=(0, 1), help="ZeRO stage: 1 shards the AdamW state across processes")
-    add("-r", type=int, default=1, choices=(0, 1, 2), help="recompute in backward (GPU): 0 none, 1 GELU, "
-                                                           "2 GELU and layernorm")
+    add("-r", type=int, default=1, choices=(0, 1, 2), help="recompute in backward, keeping less memory: 0 none, "
+                                                           "1 GELU, 2 GELU and layernorm")
     add("-pn", type=int, default=1, help="number of processes (default: 1)")
     add("-pr", type=int, default=0, help="this process's rank (default: 0)")
     add("-pg", type=int, default=8, help="GPUs per node (default: 8)")
@@ -521,6 +603,24 @@ def check_args(args):
     for ok, message in rules:
         if not ok:
             fail(message)
+
+
+def select_backend(device):
+    """The one place that chooses the kernels: kernels.cuda (bf16 on the GPU) or kernels.reference
+    (the NumPy twins, fp32). --device auto takes CUDA when it can run and says why not otherwise."""
+    if device == "cpu":
+        return reference
+    reason = cuda_unavailable()
+    if reason is None:
+        try:
+            from kernels import cuda
+        except BuildError as e:
+            fail(f"--device {device}: the CUDA kernels did not build: {e}")
+        return cuda
+    if device == "cuda":
+        fail(f"--device cuda: {reason}; use --device cpu for the NumPy backend")
+    print(f"--device auto: {reason}, so the NumPy backend runs on the CPU")
+    return reference
 
 
 def main(argv=None):
@@ -566,13 +666,24 @@ def main(argv=None):
     if val_loader:
         val_batches = val_loader.num_batches if args.m == -1 else min(args.m, val_loader.num_batches)
 
-    model = GPT2(config, params, B, T)
+    K = select_backend(args.device)
+    model = GPT2(config, params, B, T, K, recompute=args.r, gelu_fusion=K.GELU_FUSION if args.ge == -1 else args.ge,
+                 master_weights=bool(args.w))
     step = 0
     rng_state = 13371337 + rank  # llm.c's start: one draw per update seeds the GPU's stochastic rounding
     rng_state_last_update = rng_state  # the state that last update drew from, as llm.c's state file records
     loss_detector, norm_detector = OutlierDetector(), OutlierDetector()
     if resume_step is not None:
-        model.m[:], model.v[:] = state.m, state.v
+        K.upload(model.m, state.m)
+        K.upload(model.v, state.v)
+        if state.master is not None and model.master is not None:
+            K.upload(model.master, state.master)
+        elif state.master is not None and model.params.dtype == np.float32:
+            K.upload(model.params, state.master)  # fp32 parameters are the master weights
+        elif model.master is not None:  # bf16 model file, no fp32 state: master weights from the parameters
+            print(f"{state_path} holds no master weights: they start from the checkpoint's parameters")
+        elif state.master is not None:
+            print(f"-w 0: the master weights in {state_path} are left unused")
         step, rng_state, rng_state_last_update = state.step, state.rng_state, state.rng_state_last_update
         loss_detector, norm_detector = OutlierDetector(state.loss_window), OutlierDetector(state.norm_window)
         try:
@@ -580,18 +691,23 @@ def main(argv=None):
         except ValueError as e:
             fail(f"{state_path}: {e}")
 
-    print(f"backend: NumPy (fp32, CPU) | model: L={config.num_layers} NH={config.num_heads} C={config.channels} "
-          f"maxT={config.max_seq_len} V={config.vocab_size} (padded {config.padded_vocab_size}) "
-          f"| parameters: {num_parameters(config):,}")
+    precision = "fp32" if model.params.dtype == np.float32 else \
+        "bf16, fp32 master weights" if model.master is not None else "bf16, no master weights"
+    print(f"backend: {'NumPy' if K is reference else 'CUDA'} on {K.DEVICE} ({precision}) | recompute -r {model.recompute} "
+          f"| GELU fusion -ge {model.gelu_fusion}")
+    print(f"model: L={config.num_layers} NH={config.num_heads} C={config.channels} maxT={config.max_seq_len} "
+          f"V={config.vocab_size} (padded {config.padded_vocab_size}) | parameters: {num_parameters(config):,}")
     print(f"train: {args.i} ({train_loader.num_tokens:,} tokens in {len(train_loader.files)} shard(s)"
           f"{', shuffled' if train_loader.shuffle else ''}) | val: "
           + (f"{args.j} ({val_batches} batches every {args.v} steps)" if val_loader else "off"))
     print(f"batch: B={B} T={T} | {tokens_per_step:,} tokens per step, grad accumulation {grad_accum_steps} "
           f"| {num_steps} steps | lr {args.l:g} {args.k}, warmup {args.u}, final fraction {args.q:g} | wd {args.c:g}")
-    mib = 4 / 2**20
-    print(f"memory: parameters {model.params.size * mib:.1f} MiB, gradients {model.grads.size * mib:.1f} MiB, "
-          f"AdamW m+v {2 * model.m.size * mib:.1f} MiB, activations {model.acts_memory.size * mib:.1f} MiB "
-          f"| peak host memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    mib = 1 / 2**20
+    print(f"memory ({K.DEVICE}): parameters {model.params.nbytes * mib:.1f} MiB, gradients "
+          f"{model.grads.nbytes * mib:.1f} MiB, AdamW m+v {2 * model.m.nbytes * mib:.1f} MiB, master weights "
+          f"{0 if model.master is None else model.master.nbytes * mib:.1f} MiB, activations "
+          f"{model.acts_memory.nbytes * mib:.1f} MiB | peak host memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if args.m != -1 and val_loader and args.m > val_batches:
         print(f"-m {args.m}: the val split holds {val_batches} batches of B*T, so val loss uses those")
     if args.s and tokenizer is None:
@@ -628,9 +744,11 @@ def main(argv=None):
             print("\n---")
         if args.n and step != resume_step and ((step > 0 and step % args.n == 0) or last_step):
             save_checkpoint(args.o, step, model, OptimizerState(
-                num_processes=nproc, rank=rank, use_master_weights=False, shuffle=train_loader.shuffle, step=step,
-                rng_state=rng_state, rng_state_last_update=rng_state_last_update, shard_index=train_loader.shard_index,
-                sample_index=train_loader.sample_index, m=model.m, v=model.v, master=None,
+                num_processes=nproc, rank=rank, use_master_weights=model.master is not None,
+                shuffle=train_loader.shuffle, step=step, rng_state=rng_state,
+                rng_state_last_update=rng_state_last_update, shard_index=train_loader.shard_index,
+                sample_index=train_loader.sample_index, m=K.download(model.m), v=K.download(model.v),
+                master=None if model.master is None else K.download(model.master),
                 epoch=train_loader.epoch, loss_window=loss_detector.window, norm_window=norm_detector.window))
             prune_checkpoints(args.o, args.nk, args.nm)
         if last_step:
@@ -644,7 +762,7 @@ def main(argv=None):
         for _ in range(grad_accum_steps):
             inputs, targets = train_loader.next_batch()
             forward(model, inputs)
-            loss += backward(model, inputs, targets, grad_accum_steps) / grad_accum_steps
+            loss += backward(model, targets, grad_accum_steps) / grad_accum_steps
         zloss = loss_detector.update(loss)
         lr = learning_rate(args.k, step, num_steps, args.l, args.u, args.q)
         norm = grad_norm(model)
@@ -657,14 +775,17 @@ def main(argv=None):
             rng_state_last_update = rng_state
             rng_state, seed = xorshift_u32(rng_state)
             update(model, lr, args.c, step, K.clip_scale(norm, GRAD_CLIP), seed)
+        K.synchronize()
         seconds = time.perf_counter() - t0
         tok_s = tokens_per_step / seconds
         if step > 0:  # the first step warms up; tok/s is an EMA, bias-corrected as in AdamW
             timed_s, timed_steps = timed_s + seconds, timed_steps + 1
             ema_tok_s = 0.95 * ema_tok_s + 0.05 * tok_s
             tok_s = ema_tok_s / (1 - 0.95 ** timed_steps)
+        peak = peak_flops(K.DEVICE)
+        mfu = f"{100 * flops_per_token(config, T) * tok_s / peak:.1f}%" if peak else "n/a"
         print(f"step {step + 1:4d}/{num_steps} | loss {loss:.6f} ({zloss:+.2f}z)| norm {norm:6.4f} ({znorm:+.2f}z)"
-              f"| lr {lr:.2e} | {1000 * seconds:.2f} ms | n/a MFU | {tok_s:.0f} tok/s", flush=True)
+              f"| lr {lr:.2e} | {1000 * seconds:.2f} ms | {mfu} MFU | {tok_s:.0f} tok/s", flush=True)
         if log:
             log.write(f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}")
 

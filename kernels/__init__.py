@@ -12,6 +12,7 @@ compiles every source for sm_80 and sm_90a) runs anywhere nvcc does, GPU or not:
     python -m kernels sm_80 sm_90a
 """
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -46,6 +47,20 @@ def nvcc_path():
 def device_arch(compute_capability):
     """nvcc's -arch for a device: '90' -> 'sm_90a' (Hopper's full instruction set), '80' -> 'sm_80'."""
     return f"sm_{compute_capability}a" if compute_capability == "90" else f"sm_{compute_capability}"
+
+
+def cuda_unavailable():
+    """Why the CUDA backend (kernels/cuda.py) cannot run here, in a few words, or None if it can:
+    CuPy and nvmath-python installed, and CuPy sees a CUDA device."""
+    for module, package in (("cupy", "CuPy"), ("nvmath", "nvmath-python")):
+        if importlib.util.find_spec(module) is None:
+            return f"{package} is not installed (pip install -r requirements-gpu.txt)"
+    import cupy
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        return f"no usable CUDA device ({e})"
+    return None if count > 0 else "no CUDA device"
 
 
 def cubin_path(source, arch, nvcc_version):

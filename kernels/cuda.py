@@ -13,6 +13,7 @@ are built (or found in kernels/build/) then, once.
 import functools
 
 import cupy as cp
+import ml_dtypes
 import numpy as np
 from nvmath.bindings import cublasLt as _lt
 
@@ -20,7 +21,12 @@ from kernels import build, device_arch, reference
 
 clip_scale = reference.clip_scale  # a rule on the host, the same on both backends
 
-ARCH = device_arch(cp.cuda.Device().compute_capability)
+_CAPABILITY = cp.cuda.Device().compute_capability  # e.g. "90"
+ARCH = device_arch(_CAPABILITY)
+DEVICE = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+FLOAT = np.dtype(np.uint16)  # parameters, gradients and activations: bf16 bits
+# -ge -1: llm.c's choice, cuBLASLt's GELU epilogues (forward and backward) on Hopper and newer only
+GELU_FUSION = 2 if int(_CAPABILITY) >= 90 else 0
 _MODULES = {stem: cp.RawModule(path=str(path)) for stem, path in build(ARCH).items()}
 
 
@@ -41,6 +47,31 @@ def scratch(nbytes):
     if _scratch.nbytes < nbytes:
         _scratch = cp.empty(nbytes, dtype=cp.uint8)
     return _scratch
+
+
+def zeros(n, dtype):
+    return cp.zeros(n, dtype)
+
+
+def upload(dst, src):
+    """dst (device) = src, a host array of dst's shape: fp32 values go into a bf16 array rounded to
+    nearest even (ml_dtypes), and into fp32 or int32 arrays as they are."""
+    src = np.ascontiguousarray(src)
+    if dst.dtype == FLOAT:
+        src = src.astype(np.float32, copy=False).astype(ml_dtypes.bfloat16).view(np.uint16)
+    assert src.dtype == dst.dtype and src.shape == dst.shape and dst.flags.c_contiguous, (src.dtype, dst.dtype)
+    dst.set(src)
+
+
+def download(src):
+    """src as a host array: bf16 as fp32 (exactly), fp32 and int32 as they are."""
+    host = src.get()
+    return host.view(ml_dtypes.bfloat16).astype(np.float32) if host.dtype == FLOAT else host
+
+
+def synchronize():
+    """Wait for every kernel launched so far (the step's timing)."""
+    cp.cuda.get_current_stream().synchronize()
 
 
 def ceil_div(a, b):
@@ -319,6 +350,7 @@ def attention_forward(out, lse, qkv):
     assert qkv.shape == (B, T, 3 * NH * ATTENTION_HEAD_SIZE) and out.shape == (B, T, NH * ATTENTION_HEAD_SIZE)
     check(cp.uint16, out, qkv, align=16)
     check(cp.float32, lse)
+    assert B * NH <= 65535, "grid.y limit"
     grid = (ceil_div(T, ATTENTION_TILE), B * NH)
     kernel("attention", "attention_forward")(grid, (128,), (out, lse, qkv, i32(T), i32(NH)))
 
@@ -328,6 +360,7 @@ def attention_backward(dqkv, dout, qkv, out, lse):
     assert dqkv.shape == qkv.shape == (B, T, 3 * NH * ATTENTION_HEAD_SIZE) and dout.shape == out.shape
     check(cp.uint16, dqkv, dout, qkv, out, align=16)
     check(cp.float32, lse)
+    assert B * NH <= 65535, "grid.y limit"
     grid = (ceil_div(T, ATTENTION_TILE), B * NH)
     args = (dqkv, dout, qkv, out, lse, i32(T), i32(NH))
     kernel("attention", "attention_backward_dq")(grid, (128,), args)

@@ -1,6 +1,6 @@
 """NumPy twins of the CUDA kernels: the CPU backend and the definition of what each kernel computes.
 
-Every function here has the signature its CUDA kernel shares (kernels/__init__.py): outputs first,
+Every function here has the signature its CUDA kernel shares (kernels/cuda.py): outputs first,
 then inputs, all of them arrays the caller owns (views into the flat parameter, gradient and
 activation buffers). Nothing is returned except scalars (norms). Everything is float32.
 
@@ -15,6 +15,9 @@ import math
 
 import numpy as np
 
+DEVICE = "CPU"
+FLOAT = np.dtype(np.float32)  # parameters, gradients and activations
+GELU_FUSION = 2  # -ge -1: fusing GELU into the matmuls changes nothing here but the number of calls
 LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 
@@ -231,3 +234,24 @@ def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, g
     np.divide(m, denom, out=denom)
     denom *= lr / (1.0 - beta1 ** t)
     params -= denom
+
+
+# ----------------------------------------------------------------------------- memory
+# kernels/cuda.py has the same four, over device memory
+
+def zeros(n, dtype):
+    return np.zeros(n, dtype)
+
+
+def upload(dst, src):
+    """dst = src, a host array of dst's shape (fp32 values, or int32 tokens)."""
+    np.copyto(dst, src)
+
+
+def download(src):
+    """src as a host array, fp32 (or int32 for tokens): src itself here."""
+    return src
+
+
+def synchronize():
+    """Wait for every kernel launched so far (they have all run here)."""

@@ -8,21 +8,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from kernels import cuda_unavailable
 
-def _no_gpu_reason():
-    try:
-        import cupy
-    except ImportError:
-        return "CuPy is not installed (pip install -r requirements-gpu.txt)"
-    try:
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return None
-    except cupy.cuda.runtime.CUDARuntimeError as e:
-        return f"no usable CUDA device ({e})"
-    return "no CUDA device"
-
-
-NO_GPU_REASON = _no_gpu_reason()
+NO_GPU_REASON = cuda_unavailable()
 requires_gpu = [pytest.mark.gpu, pytest.mark.skipif(NO_GPU_REASON is not None, reason=str(NO_GPU_REASON))]
 
 BF16_POISON = np.uint16(0x7FC0)  # a bf16 NaN: an output the kernel forgot to write shows up at once

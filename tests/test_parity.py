@@ -63,14 +63,14 @@ def test_logits_and_loss_match_pytorch(case):
     logits = model.a["logits"][..., :case["config"].vocab_size]
     # every logit within 1e-5 of the largest logit's magnitude
     assert np.max(np.abs(logits - debug.logits)) <= 1e-5 * np.max(np.abs(debug.logits))
-    loss = gpt.backward(model, debug.x, debug.y)
+    loss = gpt.backward(model, debug.y)
     assert abs(loss - debug.loss) <= 1e-5 * debug.loss
 
 
 def test_every_gradient_tensor_matches_pytorch(case):
     model, debug = fresh_model(case), case["debug"]
     gpt.forward(model, debug.x)
-    gpt.backward(model, debug.x, debug.y)
+    gpt.backward(model, debug.y)
     ours = gpt.carve(model.grads, param_shapes(case["config"]))
     theirs = gpt.carve(debug.grads, param_shapes(case["config"]))
     errors = {name: rel_err(ours[name], theirs[name]) for name in ours}
@@ -84,7 +84,7 @@ def test_ten_adamw_steps_match_pytorch_losses(case):
     for step in range(ADAMW_STEPS):
         gpt.zero_grad(model)
         gpt.forward(model, debug.x)
-        losses.append(gpt.backward(model, debug.x, debug.y))
+        losses.append(gpt.backward(model, debug.y))
         gpt.update(model, ADAMW_LR, ADAMW_WD, step, K.clip_scale(gpt.grad_norm(model), gpt.GRAD_CLIP), seed=0)
     np.testing.assert_allclose(losses, case["torch_losses"], rtol=0, atol=1e-5)
     assert losses[-1] < losses[0] - 0.5  # the steps really moved the model
@@ -94,13 +94,40 @@ def test_gradient_accumulation_adds_micro_steps(case):
     """Two micro-steps at grad_accum_steps=2 over the same batch give one full step's gradient."""
     model, debug = fresh_model(case), case["debug"]
     gpt.forward(model, debug.x)
-    gpt.backward(model, debug.x, debug.y)
+    gpt.backward(model, debug.y)
     once = model.grads.copy()
     gpt.zero_grad(model)
     for _ in range(2):
         gpt.forward(model, debug.x)
-        gpt.backward(model, debug.x, debug.y, grad_accum_steps=2)
+        gpt.backward(model, debug.y, grad_accum_steps=2)
     np.testing.assert_allclose(model.grads, once, rtol=1e-5, atol=1e-9)
+
+
+def test_recompute_and_gelu_fusion_save_memory_and_change_no_bit(case):
+    """-r 1 keeps one layer's GELU output instead of L, -r 2 one layer's layernorm outputs too; -ge
+    fuses GELU into the matmuls. On the CPU each recomputation repeats the forward's arithmetic, so
+    losses, gradients and updated parameters are equal to the bit across all nine settings."""
+    config, (B, T) = case["config"], (case["B"], case["T"])
+    debug, L, C = case["debug"], config.num_layers, config.channels
+    results, sizes = {}, {}
+    for recompute in (0, 1, 2):
+        for gelu_fusion in (0, 1, 2):
+            model = gpt.GPT2(config, case["params"], B, T, K, recompute, gelu_fusion)
+            losses = []
+            for step in range(2):
+                gpt.zero_grad(model)
+                gpt.forward(model, debug.x)
+                losses.append(gpt.backward(model, debug.y))
+                gpt.update(model, ADAMW_LR, ADAMW_WD, step, K.clip_scale(gpt.grad_norm(model), gpt.GRAD_CLIP), 0)
+            results[recompute, gelu_fusion] = (losses, model.grads.copy(), model.params.copy())
+            sizes[recompute] = model.acts_memory.nbytes
+    for losses, grads, params in results.values():
+        assert losses == results[0, 0][0]
+        np.testing.assert_array_equal(grads, results[0, 0][1])
+        np.testing.assert_array_equal(params, results[0, 0][2])
+    slack = 2 * gpt.ACTIVATION_ALIGN  # each buffer is rounded up to the alignment
+    assert abs(sizes[0] - sizes[1] - 4 * (L - 1) * B * T * 4 * C) <= slack
+    assert abs(sizes[1] - sizes[2] - 4 * 2 * (L - 1) * B * T * C) <= 2 * slack
 
 
 def test_fresh_init_is_the_pytorch_reference_init(case):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import train_gpt2 as gpt
-from fileformats import HellaSwagExample, read_model, read_shard, read_state, write_hellaswag, write_shard
+from kernels import cuda_unavailable
+from fileformats import HellaSwagExample, read_model, read_shard, read_state, write_hellaswag
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "dev"))
@@ -40,20 +41,6 @@ def losses_and_vals(stdout):
         elif line.startswith(("val loss", "skipping update")):
             lines.append(line)
     return lines
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Two train shards and a val shard of seeded random tokens, skewed so a model can learn them."""
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    vocab = rng.choice(50257, size=300, replace=False)
-    weights = 1.0 / np.arange(1, 301)
-    draw = lambda n: vocab[rng.choice(300, size=n, p=weights / weights.sum())]
-    write_shard(d / "train_000001.bin", draw(3001))
-    write_shard(d / "train_000002.bin", draw(2500))
-    write_shard(d / "val_000000.bin", draw(1200))
-    return ["-i", str(d / "train_*.bin"), "-j", str(d / "val_000000.bin")]
 
 
 # ----------------------------------------------------------------------------- determinism and resume
@@ -280,6 +267,27 @@ def test_bad_input_is_one_line_a_nonzero_exit_and_no_files(data, tmp_path, args,
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert result.stdout == ""
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_cuda_asked_for_where_it_cannot_run_is_one_line(data, tmp_path):
+    if cuda_unavailable() is None:
+        pytest.skip("this machine can run the CUDA backend")
+    result = run(*TINY, *data, "-x", "2", "--device", "cuda", "-o", "out", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stdout == "" and not (tmp_path / "out").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"error: --device cuda: {cuda_unavailable()}; use --device cpu for the " \
+                                            f"NumPy backend", result.stderr
+
+
+def test_the_backend_chosen_is_said_in_one_line(data, tmp_path):
+    auto = run(*TINY, *data, "-x", "1", cwd=tmp_path).stdout.splitlines()
+    cpu = run(*TINY, *data, "-x", "1", "--device", "cpu", cwd=tmp_path).stdout.splitlines()
+    if cuda_unavailable() is None:
+        assert auto[0].startswith("backend: CUDA on ")
+    else:  # auto falls back, and says why
+        assert auto[0] == f"--device auto: {cuda_unavailable()}, so the NumPy backend runs on the CPU"
+        assert auto[1:3] == cpu[:2] and losses_and_vals("\n".join(auto)) == losses_and_vals("\n".join(cpu))
+    assert cpu[0] == "backend: NumPy on CPU (fp32) | recompute -r 1 | GELU fusion -ge 2"
 
 
 # ----------------------------------------------------------------------------- schedules and the outlier detector
