@@ -2,11 +2,12 @@
 
 Memory is laid out once, at start: one flat buffer holds every parameter (in llm.c's checkpoint
 order), one the gradients (same layout), one every activation of a (B, T) step, plus fp32 AdamW
-moments. Every tensor is a view into those buffers; nothing is allocated per step but the
-temporaries inside a kernel.
+moments (and fp32 master weights where the parameters are bf16). Every tensor is a view into those
+buffers; nothing is allocated per step but the temporaries inside a kernel.
 
-Each layer is a kernel call: kernels/reference.py holds the NumPy twins (fp32, the CPU backend),
-with the signatures the CUDA kernels share. The flags are llm.c's (see --help).
+Each layer is a kernel call on the backend that select_backend picks: kernels/cuda.py (the CUDA
+kernels, bf16) or kernels/reference.py (their NumPy twins, fp32, the same signatures). The flags
+are llm.c's (see --help), plus --device.
 
     python -m prepro.tinyshakespeare                        # the default data, and data/gpt2_tokenizer.bin
     python train_gpt2.py -e d6 -b 4 -t 128 -x 200 -n 100 -o log_d6     # a fresh 6-layer GPT-2
