@@ -725,6 +725,7 @@ def main(argv=None):
         print(f"run directory: {args.o}")
 
     ema_tok_s, timed_s, timed_steps = 0.0, 0.0, 0
+    peak, step_flops_per_token = peak_flops(K.DEVICE), flops_per_token(config, T)
     for step in range(step, num_steps + 1):
         last_step = step == num_steps
         if val_loader and (step % args.v == 0 or last_step):
@@ -783,8 +784,7 @@ def main(argv=None):
             timed_s, timed_steps = timed_s + seconds, timed_steps + 1
             ema_tok_s = 0.95 * ema_tok_s + 0.05 * tok_s
             tok_s = ema_tok_s / (1 - 0.95 ** timed_steps)
-        peak = peak_flops(K.DEVICE)
-        mfu = f"{100 * flops_per_token(config, T) * tok_s / peak:.1f}%" if peak else "n/a"
+        mfu = f"{100 * step_flops_per_token * tok_s / peak:.1f}%" if peak else "n/a"
         print(f"step {step + 1:4d}/{num_steps} | loss {loss:.6f} ({zloss:+.2f}z)| norm {norm:6.4f} ({znorm:+.2f}z)"
               f"| lr {lr:.2e} | {1000 * seconds:.2f} ms | {mfu} MFU | {tok_s:.0f} tok/s", flush=True)
         if log:

@@ -16,7 +16,6 @@ steps over up to 20 batches (the 32,768-token val split holds 3 at this B*T). On
     python dev/loss_parity.py --device cpu -e d2 -b 4 -t 64 -x 50 -v 10 -o log_parity_cpu
 """
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,7 +101,7 @@ def main(argv=None):
     passed = rel_diff <= args.tol
 
     device = device_name(args.device)
-    tag = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    tag = records.tag(device)
     os.makedirs(args.results, exist_ok=True)
     png = os.path.join(args.results, f"loss_parity_{tag}.png")
     plot({"ours (train_gpt2.py)": ours,

@@ -7,18 +7,17 @@ to bf16 where the kernels store (a 4-layer model, so that CI stays fast). The ba
 for its bf16 build (test_gpt2.cu): logits within 25, the loss within 0.05, each gradient element
 within thr + 0.079 |torch| with a threshold per tensor, ten AdamW steps within 0.05 of PyTorch's
 fp32 losses. We add a tighter bar of our own on the logits (see LOGITS_REL_ERR)."""
-import copy
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import train_gpt2 as gpt
 from cuda_testing import requires_gpu
-from fileformats import num_parameters, param_shapes, read_debug_state, read_model, read_state
+from fileformats import num_parameters, param_shapes, read_model, read_state
+from pytorch_case import pytorch_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
 import torch_gpt2 as ref  # noqa: E402
@@ -53,16 +52,8 @@ def K(request):
 def case(K, tmp_path_factory):
     """The PyTorch reference's model file, debug state (random init, B=4, T=64) and ten losses."""
     backend = "cuda" if K.__name__ == "kernels.cuda" else "bf16_twins"
-    torch_model = ref.init_llmc(ref.GPT2(ref.Config(**MODELS[backend])), seed=42)
-    tokens = torch.randint(0, 50257, (B * T + 1,), generator=torch.Generator().manual_seed(7))
-    x, y = tokens[:-1].view(B, T), tokens[1:].view(B, T)
-    out = tmp_path_factory.mktemp(backend)
-    ref.write_model(out / "model.bin", torch_model)
-    ref.write_debug_state(out / "debug.bin", torch_model, x, y)
-    torch_losses = ref.adamw_losses(copy.deepcopy(torch_model), x, y, ADAMW_STEPS, ADAMW_LR, ADAMW_WD)
-    config, params = gpt.load_params(out / "model.bin")
-    debug = read_debug_state(out / "debug.bin", config.vocab_size, num_parameters(config))
-    return dict(config=config, params=params, debug=debug, torch_losses=torch_losses)
+    return pytorch_case(ref.Config(**MODELS[backend]), B, T, tmp_path_factory.mktemp(backend), ADAMW_STEPS,
+                        ADAMW_LR, ADAMW_WD)
 
 
 def model_for(K, case, recompute=1, gelu_fusion=2, master_weights=True):

@@ -3,7 +3,6 @@
 For each config the reference writes a model file and a debug state (inputs, logits, loss, every
 gradient), as llm.c's test does; train_gpt2.py loads the model, runs forward and backward on the
 same batch and must reproduce all of it, then ten AdamW steps must give the reference's losses."""
-import copy
 import sys
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import pytest
 import torch
 
 import train_gpt2 as gpt
-from fileformats import num_parameters, param_shapes, read_debug_state
+from fileformats import param_shapes
 from kernels import reference as K
+from pytorch_case import pytorch_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
 import torch_gpt2 as ref  # noqa: E402
@@ -34,19 +34,10 @@ def case(request, tmp_path_factory):
     c = CONFIGS[request.param]
     config = ref.Config(num_layers=c["layers"], num_heads=c["heads"], channels=c["channels"],
                         max_seq_len=c["max_seq_len"])
-    torch_model = ref.init_llmc(ref.GPT2(config), seed=42)
-    tokens = torch.randint(0, config.vocab_size, (c["B"] * c["T"] + 1,), generator=torch.Generator().manual_seed(7))
-    x, y = tokens[:-1].view(c["B"], c["T"]), tokens[1:].view(c["B"], c["T"])
-    out = tmp_path_factory.mktemp(request.param)
-    ref.write_model(out / "model.bin", torch_model)
-    ref.write_model(out / "model_bf16.bin", torch_model, version=5)
-    ref.write_debug_state(out / "debug.bin", torch_model, x, y)
-    torch_losses = ref.adamw_losses(copy.deepcopy(torch_model), x, y, ADAMW_STEPS, ADAMW_LR, ADAMW_WD)
-
-    ours_config, params = gpt.load_params(out / "model.bin")
-    debug = read_debug_state(out / "debug.bin", ours_config.vocab_size, num_parameters(ours_config))
-    return dict(dir=out, config=ours_config, params=params, debug=debug, torch_losses=torch_losses,
-                torch_model=torch_model, B=c["B"], T=c["T"])
+    case = pytorch_case(config, c["B"], c["T"], tmp_path_factory.mktemp(request.param), ADAMW_STEPS, ADAMW_LR,
+                        ADAMW_WD)
+    ref.write_model(case["dir"] / "model_bf16.bin", case["torch_model"], version=5)
+    return dict(case, B=c["B"], T=c["T"])
 
 
 def fresh_model(case):

@@ -13,7 +13,6 @@ own: a 1 GiB device-to-device copy (bytes read + written) and a bf16 8192^3 torc
 
     python dev/bench/kernels.py -b 8 -n 20
 """
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -306,8 +305,7 @@ def main(argv=None):
         "peaks": reference,
         "kernels": rows,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    records.write(args.o, f"kernels_{slug}.json", record)
+    records.write(args.o, f"kernels_{records.tag(device)}.json", record)
 
 
 if __name__ == "__main__":

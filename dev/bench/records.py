@@ -3,6 +3,7 @@ dev/bench/results/, written to a temporary name and renamed. The scripts put the
 sys.path before importing this."""
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,11 @@ def commit():
     """The checked-out commit, short form: what the figures were measured on."""
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                           text=True).stdout.strip()
+
+
+def tag(name):
+    """A device or model name as a file-name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def write(directory, name, record):

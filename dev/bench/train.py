@@ -162,10 +162,6 @@ def measure(K, config, args, batches, grad_accum_steps, compile_model):
     return ours_s, torch_s, ours_peak, torch.cuda.max_memory_allocated() / MIB, torch.cuda.max_memory_reserved() / MIB
 
 
-def tag(name):
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
 def cpu_name():
     names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M) \
         if os.path.exists("/proc/cpuinfo") else []
@@ -249,7 +245,7 @@ def main(argv=None):
           f"{row('ours', ours_tok_s, record['mfu'], record['ours_peak_mib'])}\n"
           f"{row('pytorch', torch_tok_s, record['torch_mfu'], record['torch_peak_mib'])}\n"
           f"ratio (ours / torch tok/s): {record['ratio']:.3f}")
-    records.write(args.o, f"train_{tag(K.DEVICE)}_{tag(args.e)}_b{B}_t{T}.json", record)
+    records.write(args.o, f"train_{records.tag(K.DEVICE)}_{records.tag(args.e)}_b{B}_t{T}.json", record)
 
 
 if __name__ == "__main__":
