@@ -2,9 +2,19 @@
 
 Each step, every one of num_processes ranks reads its own B*T+1-token slice of one sample, a window of
 num_processes*B*T+1 tokens, so the ranks together consume whole samples and never overlap. Shards are
-visited in order, and the samples in each; with shuffle on, both orders are permutations drawn from
-counter-based generators keyed by (seed, epoch, shard position), so the position (epoch, shard_index,
-sample_index) is the loader's whole state and restoring it resumes the exact batch sequence.
+visited in order, and the samples in each. With shuffle on, both orders are llm.c's, drawn as its
+dataloader.h draws them from one mt19937 per rank seeded 42 + rank, so a run here and an llm.c run on the
+same shards see the same batches step for step:
+- each epoch starts by shuffling the shard order in place: the previous epoch's order, not the identity,
+  is permuted (with one shard that draws nothing);
+- each shard, when its turn comes, gets a fresh sample order: the identity, shuffled;
+- a shuffle is Fisher-Yates from the last element down, swapping element i with element
+  randint32() % (i + 1).
+Each rank draws its own orders, as in llm.c: at one step the ranks read their slices of different
+samples, and over an epoch each rank reads its slice of every sample once.
+An epoch draws the same number of values whatever its orders (shards - 1, plus samples - 1 per shard),
+so the generator's place at any (epoch, shard_index) is known, and the position (epoch, shard_index,
+sample_index) is all that restoring the exact batch sequence needs: the orders are replayed from the seed.
 """
 import glob
 import os
@@ -37,7 +47,6 @@ class DataLoader:
         self.inputs = np.empty((B, T), dtype=np.int32)
         self.targets = np.empty((B, T), dtype=np.int32)
         self._seed = SHUFFLE_SEED + rank
-        self._shard_order_key = self._sample_order_key = None
         self.reset()
 
     def _open_shard(self, path, vocab_size):
@@ -53,6 +62,7 @@ class DataLoader:
 
     def reset(self):
         self.epoch, self.shard_index, self.sample_index = 0, 0, 0
+        self._rng, self._shard_order, self._sample_order = self._replay(0, 0)
 
     def restore(self, epoch, shard_index, sample_index):
         num_shards = len(self.files)
@@ -61,20 +71,24 @@ class DataLoader:
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"loader position shard {shard_index} is out of range 0..{num_shards - 1}: "
                              f"{self.pattern} matches {num_shards} shards")
-        count = self._num_samples[self._shard_order(epoch)[shard_index]]
+        rng, shard_order, sample_order = self._replay(epoch, shard_index)
+        count = len(sample_order)
         if not 0 <= sample_index <= count:
             raise ValueError(f"loader position sample {sample_index} is out of range 0..{count}: "
                              f"shard position {shard_index} of epoch {epoch} holds {count} samples")
         self.epoch, self.shard_index, self.sample_index = epoch, shard_index, sample_index
+        self._rng, self._shard_order, self._sample_order = rng, shard_order, sample_order
 
     def next_batch(self):
         """Fill and return (inputs, targets), each (B, T) int32; the same arrays every call, overwritten."""
-        if self.sample_index == self._num_samples[self._current_shard()]:
+        if self.sample_index == len(self._sample_order):
             self.shard_index, self.sample_index = self.shard_index + 1, 0
             if self.shard_index == len(self.files):
                 self.epoch, self.shard_index = self.epoch + 1, 0
-        shard = self._current_shard()
-        sample = self._sample_order(shard)[self.sample_index]
+                self._shuffle(self._shard_order, self._rng)
+            self._sample_order = self._new_sample_order(self._shard_order[self.shard_index], self._rng)
+        shard = self._shard_order[self.shard_index]
+        sample = self._sample_order[self.sample_index]
         self.sample_index += 1
 
         start = sample * self._stride + self.rank * self.B * self.T
@@ -83,23 +97,58 @@ class DataLoader:
         np.copyto(self.targets, window[1:].reshape(self.B, self.T))
         return self.inputs, self.targets
 
-    def _current_shard(self):
-        return self._shard_order(self.epoch)[self.shard_index]
+    def _replay(self, epoch, shard_index):
+        """The generator, shard order and sample order as they stand once shard position `shard_index` of
+        `epoch` has been entered, replayed from the seed: every earlier epoch's shard shuffle is redone (each
+        permutes the last), the sample shuffles in between are skipped over by their known draw counts."""
+        rng = mt19937(self._seed) if self.shuffle else None
+        shard_order = np.arange(len(self.files))
+        for e in range(epoch + 1):
+            if e:
+                skip(rng, sum(n - 1 for n in self._num_samples))
+            self._shuffle(shard_order, rng)
+        skip(rng, sum(self._num_samples[k] - 1 for k in shard_order[:shard_index]))
+        return rng, shard_order, self._new_sample_order(shard_order[shard_index], rng)
 
-    def _shard_order(self, epoch):
-        if self._shard_order_key != epoch:
-            self._shard_order_key = epoch
-            self._shard_order_cache = self._permutation(len(self.files), epoch)
-        return self._shard_order_cache
+    def _new_sample_order(self, shard, rng):
+        order = np.arange(self._num_samples[shard])
+        self._shuffle(order, rng)
+        return order
 
-    def _sample_order(self, shard):
-        key = (self.epoch, self.shard_index)
-        if self._sample_order_key != key:
-            self._sample_order_key = key
-            self._sample_order_cache = self._permutation(self._num_samples[shard], *key)
-        return self._sample_order_cache
+    @staticmethod
+    def _shuffle(order, rng):
+        if rng is not None:
+            random_permutation(order, rng)
 
-    def _permutation(self, n, *counter):
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self._seed, *counter]).permutation(n)
+
+def mt19937(seed):
+    """NumPy's MT19937 seeded as llm.c's manual_seed (the reference init_genrand) seeds it; its random_raw
+    then gives llm.c's randint32 stream. (NumPy's own seeding hashes the seed, a different stream.)"""
+    key = [seed & 0xFFFFFFFF]
+    for i in range(1, 624):
+        key.append((1812433253 * (key[-1] ^ (key[-1] >> 30)) + i) & 0xFFFFFFFF)
+    rng = np.random.MT19937()
+    rng.state = {"bit_generator": "MT19937", "state": {"key": np.array(key, dtype=np.uint32), "pos": 624}}
+    return rng
+
+
+def random_permutation(order, rng):
+    """llm.c's random_permutation, in place: for i from n-1 down to 1, swap order[i] with order[j],
+    j = randint32() % (i + 1). Draws n - 1 values."""
+    n = len(order)
+    if n < 2:
+        return
+    js = (rng.random_raw(n - 1) % np.arange(n, 1, -1, dtype=np.uint64)).tolist()
+    values = order.tolist()
+    for i, j in zip(range(n - 1, 0, -1), js):
+        values[i], values[j] = values[j], values[i]
+    order[:] = values
+
+
+def skip(rng, count, chunk=1 << 20):
+    """Draw and drop `count` values (in chunks, so a long skip needs no memory)."""
+    if rng is None:
+        return
+    while count > 0:
+        rng.random_raw(min(count, chunk))
+        count -= chunk

