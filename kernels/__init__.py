@@ -49,6 +49,15 @@ def device_arch(compute_capability):
     return f"sm_{compute_capability}a" if compute_capability == "90" else f"sm_{compute_capability}"
 
 
+def alignment_standin(base, align):
+    """The lowest address at or above `base` that is a multiple of `align` (a power of two) and of no
+    larger power of two, so within [base, base + 2 * align). cuBLASLt's heuristic may pick its
+    algorithm by the alignment of the bias and aux pointers it is shown: a plan made with pointers
+    here runs with any `align`-byte aligned ones (kernels/cuda.py)."""
+    assert align > 0 and align & (align - 1) == 0, align
+    return -(-(base - align) // (2 * align)) * 2 * align + align
+
+
 def cuda_unavailable():
     """Why the CUDA backend (kernels/cuda.py) cannot run here, in a few words, or None if it can:
     CuPy and nvmath-python installed, and CuPy sees a CUDA device."""

@@ -14,9 +14,13 @@ RESULTS = REPO / "dev/bench/results"
 
 
 def commit():
-    """The checked-out commit, short form: what the figures were measured on."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
+    """The checked-out commit, short form: what the figures were measured on ('' outside a git
+    checkout, or where git is not installed: a copy of the tree on a GPU machine)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return ""
 
 
 def tag(name):
