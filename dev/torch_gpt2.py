@@ -8,8 +8,15 @@ and runs llm.c-style AdamW steps whose losses the trainer must reproduce.
 
 Usage: python dev/torch_gpt2.py --depth 2 --channels 128 --heads 2 -b 2 -t 16 \
            --model-out model.bin --state-out state.bin --steps 10
+
+llm.c's debug state for OpenAI's GPT-2 124M (what dev/test_gpt2.py checks), as its train_gpt2.py
+writes it: the first B*T+1 Tiny Shakespeare val tokens, B=4, T=64, ten AdamW steps at lr 1e-4:
+
+    python dev/torch_gpt2.py --model-in data/gpt2_124M.bin -b 4 -t 64 --steps 10 --lr 1e-4 \
+           --tokens data/tinyshakespeare/tiny_shakespeare_val.bin --state-out data/gpt2_124M_debug_state.bin
 """
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -136,6 +143,42 @@ def from_hf(hf_dir):
     return model
 
 
+@torch.no_grad()
+def from_llmc(path):
+    """Load an llm.c model file (version 3 fp32 or 5 bf16) into our GPT2, e.g. OpenAI's weights as
+    python -m prepro.gpt2_weights writes them. Parsed here from the layout alone (DESIGN.md)."""
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header.size < 256 or header[0] != MODEL_MAGIC or header[1] not in (3, 5):
+        raise ValueError(f"{path}: not an llm.c model file (want magic {MODEL_MAGIC}, version 3 or 5)")
+    maxT, V, L, NH, C, Vp = header[2:8].tolist()
+    config = Config(num_layers=L, num_heads=NH, channels=C, max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp)
+    model = GPT2(config)
+    shapes = [(Vp, C), (maxT, C)] + [(L, *s) for s in ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,),
+                                                         (4 * C, C), (4 * C,), (C, 4 * C), (C,))] + [(C,), (C,)]
+    n = sum(math.prod(s) for s in shapes)
+    if header[1] == 3:
+        flat = torch.from_numpy(np.fromfile(path, dtype="<f4", count=n, offset=1024).astype(np.float32))
+    else:  # bf16 bits: the high half of an fp32
+        bits = np.fromfile(path, dtype="<u2", count=n, offset=1024).astype(np.uint32) << 16
+        flat = torch.from_numpy(bits.view(np.float32))
+    if flat.numel() != n:
+        raise ValueError(f"{path}: {flat.numel()} parameters, the header's config needs {n}")
+    tensors = list(torch.split(flat, [math.prod(s) for s in shapes]))
+    tensors = [t.view(s) for t, s in zip(tensors, shapes)]
+    model.wte.weight.copy_(tensors[0][:V])
+    model.wpe.weight.copy_(tensors[1])
+    per_layer = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                 "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                 "mlp.c_proj.weight", "mlp.c_proj.bias")
+    params = dict(model.named_parameters())
+    for name, stacked in zip(per_layer, tensors[2:14]):
+        for l in range(L):
+            params[f"blocks.{l}.{name}"].copy_(stacked[l])
+    model.ln_f.weight.copy_(tensors[14])
+    model.ln_f.bias.copy_(tensors[15])
+    return model
+
+
 def llmc_flat(model, grads=False):
     """All parameters (or their grads) as one fp32 vector in llm.c's checkpoint order."""
     def get(p):
@@ -182,8 +225,12 @@ def write_model(path, model, version=3):
     _write_atomic(path, [header, flat])
 
 
-def write_debug_state(path, model, x, y):
-    """One forward+backward on (x, y); write inputs, logits, loss and all grads. Returns (logits, loss)."""
+def write_debug_state(path, model, x, y, steps=None):
+    """One forward+backward on (x, y); write inputs, logits, loss and all grads. Returns (logits, loss).
+
+    steps = (lr, weight_decay, losses) records adamw_losses' run from this model in header slots
+    llm.c leaves unused (its test hard-codes the losses instead): [4] the number of steps, [5] lr
+    and [6] weight decay as fp32 bits, [8..] each step's loss as fp32 bits."""
     x, y = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(y, dtype=torch.long)
     B, T = x.shape
     model.zero_grad(set_to_none=True)
@@ -191,6 +238,12 @@ def write_debug_state(path, model, x, y):
     loss.backward()
     header = np.zeros(256, dtype="<i4")
     header[:4] = [DEBUG_MAGIC, 2, B, T]
+    if steps is not None:
+        lr, weight_decay, losses = steps
+        assert len(losses) <= 256 - 8
+        header[4] = len(losses)
+        header[5:7] = np.array([lr, weight_decay], dtype="<f4").view("<i4")
+        header[8:8 + len(losses)] = np.array(losses, dtype="<f4").view("<i4")
     logits_np = logits.detach().cpu().numpy().astype("<f4")  # (B, T, V)
     _write_atomic(path, [header, x.numpy().astype("<i4"), y.numpy().astype("<i4"), logits_np,
                          np.array([loss.item()], dtype="<f4"), llmc_flat(model, grads=True)])
@@ -259,6 +312,8 @@ def main():
     p.add_argument("--vocab-size", type=int, default=50257)
     p.add_argument("--padded-vocab-size", type=int, default=50304)
     p.add_argument("--hf", metavar="DIR", help="start from these HF weights (config comes from them)")
+    p.add_argument("--model-in", metavar="PATH", help="start from this llm.c model file (config comes from it), "
+                                                      "e.g. data/gpt2_124M.bin from python -m prepro.gpt2_weights")
     p.add_argument("--seed", type=int, default=42, help="init seed; random tokens use seed + 1")
     p.add_argument("-b", "--batch", type=int, default=4)
     p.add_argument("-t", "--seq-len", type=int, default=64)
@@ -271,7 +326,15 @@ def main():
     p.add_argument("--weight-decay", type=float, default=0.0)
     args = p.parse_args()
 
-    if args.hf:
+    if args.hf and args.model_in:
+        _fail("give --hf or --model-in, not both")
+    if args.model_in:
+        try:
+            model = from_llmc(args.model_in)
+        except (OSError, ValueError) as e:
+            _fail(str(e))
+        config = model.config
+    elif args.hf:
         if not os.path.isdir(args.hf):
             _fail(f"--hf {args.hf} is not a directory (want one written by save_pretrained)")
         try:
@@ -302,15 +365,16 @@ def main():
         tokens = torch.randint(0, config.vocab_size, (B * T + 1,), generator=gen)
     x, y = tokens[:-1].view(B, T), tokens[1:].view(B, T)
 
-    if not args.hf:
+    if not (args.hf or args.model_in):
         model = init_llmc(GPT2(config), args.seed)
     if args.model_out:
         write_model(args.model_out, model, version=3)
     if args.model_out_bf16:
         write_model(args.model_out_bf16, model, version=5)
-    if args.state_out:
-        write_debug_state(args.state_out, model, x, y)
-    for step, loss in enumerate(adamw_losses(model, x, y, args.steps, args.lr, args.weight_decay), start=1):
+    losses = adamw_losses(copy.deepcopy(model), x, y, args.steps, args.lr, args.weight_decay)
+    if args.state_out:  # the steps' losses go in with it, for dev/test_gpt2.py
+        write_debug_state(args.state_out, model, x, y, (args.lr, args.weight_decay, losses) if losses else None)
+    for step, loss in enumerate(losses, start=1):
         print(f"step {step}: loss {loss:.6f}")
 
 

@@ -174,6 +174,31 @@ def attention_backward(dqkv, dout, qkv, out, lse):
     dqkv[...] = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, -1)
 
 
+def attention_forward_cached(out, k_cache, v_cache, qkv, pos, num_heads):
+    """Causal attention for Tn new positions pos..pos+Tn-1 of a sequence whose earlier keys and
+    values are cached: sampling runs one new position per token, costing O(pos) instead of the
+    O(pos^2) of attention_forward over the whole prefix.
+
+    qkv (B,Tn,3C) holds the new positions' q, k, v (heads side by side, as attention_forward's);
+    their k and v are written into rows pos..pos+Tn-1 of k_cache and v_cache (B,maxT,C), whose
+    rows below pos hold the earlier positions'. Each new position then attends to every cached
+    position up to itself; out (B,Tn,C) equals attention_forward's out at those positions.
+    kernels/cuda.py has no such kernel yet: on that backend train_gpt2.Sampler recomputes the
+    prefix, and says so."""
+    B, Tn, C3 = qkv.shape
+    C, end = C3 // 3, pos + Tn
+    hs = C // num_heads
+    k_cache[:, pos:end] = qkv[..., C:2 * C]
+    v_cache[:, pos:end] = qkv[..., 2 * C:]
+    heads = lambda x: x.reshape(B, -1, num_heads, hs).transpose(0, 2, 1, 3)  # noqa: E731  (B,T,C) -> (B,NH,T,HS)
+    q, k, v = heads(qkv[..., :C]), heads(k_cache[:, :end]), heads(v_cache[:, :end])
+    s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(1.0 / math.sqrt(hs))  # (B,NH,Tn,end)
+    s[..., np.arange(end)[None, :] > pos + np.arange(Tn)[:, None]] = -np.inf  # the future of each new position
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    y = (p / p.sum(axis=-1, keepdims=True)) @ v  # (B,NH,Tn,HS)
+    out[...] = y.transpose(0, 2, 1, 3).reshape(B, Tn, C)
+
+
 # ----------------------------------------------------------------------------- classifier
 
 def fused_classifier(logits, losses, targets, vocab_size, dloss, write_dlogits):
@@ -209,14 +234,14 @@ def clip_scale(norm, max_norm):
     return max_norm / norm if norm > max_norm else 1.0
 
 
-def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed):
-    """One AdamW step over a slice of the flat buffers (one parameter tensor, or a rank's shard).
+def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, offset=0):
+    """One AdamW step over a slice of the flat buffers (one parameter tensor, or its part in a rank's shard).
 
     grad = grads * grad_scale (the clip); m, v are the fp32 moments; t = step + 1 is the bias
     correction's count; weight decay is decoupled (param -= lr * wd * param), and the caller
     passes 0 for tensors that take none (biases, layernorms). master holds the fp32 copy of
-    bf16 params on the GPU; here params are already fp32, so it is None, and seed (stochastic
-    rounding into bf16) has nothing to round."""
+    bf16 params on the GPU; here params are already fp32, so it is None, and seed and offset (the
+    stochastic rounding into bf16, and params[0]'s index in its tensor) have nothing to round."""
     assert master is None, "the NumPy backend keeps fp32 params: no master copy"
     # params -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * params), in place, with the
     # bias corrections m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t) folded into scalars

@@ -114,10 +114,10 @@ def test_loss_parity_passes_exactly_within_its_relative_tolerance(tmp_path, monk
     assert record["rel_diff"] == pytest.approx(abs(2.0 - torch_val) / torch_val, abs=1e-6)
 
 
-def test_read_log_keeps_train_and_val_losses_by_step(tmp_path):
+def test_read_log_keeps_train_and_val_losses_and_hellaswag_by_step(tmp_path):
     (tmp_path / "main.log").write_text("s:0 tel:10.9000\ns:0 trl:10.8000 lr:0.000300 norm:2.50\ns:1 trl:9.5000 "
                                        "lr:0.000600 norm:1.50\ns:2 eval:0.2500\ns:2 tel:9.1000\n")
-    assert read_log(tmp_path / "main.log") == {"trl": {0: 10.8, 1: 9.5}, "tel": {0: 10.9, 2: 9.1}}
+    assert read_log(tmp_path / "main.log") == {"trl": {0: 10.8, 1: 9.5}, "tel": {0: 10.9, 2: 9.1}, "eval": {2: 0.25}}
 
 
 @pytest.mark.parametrize("args, expected", [(["-d", "100"], "-d 100"), (["-e", "model.bin"], "model.bin"),
