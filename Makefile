@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test kernels bench clean
+.PHONY: setup demo test test_gpt2 kernels bench clean
 
 # runtime dependencies only: what train_gpt2.py needs on a machine without a GPU
 $(VENV)/.runtime: requirements.txt
@@ -20,14 +20,30 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 setup: $(VENV)/.runtime
 
 # Tiny Shakespeare (built offline when the web is out of reach), then a fresh 2-layer GPT-2 trained on
-# it from scratch: falling loss, val loss, a checkpoint in log_demo/ and a sample at the end
+# it from scratch: falling loss, val loss, a checkpoint in log_demo/ and a sample at the end, then
+# the loss curves drawn into log_demo/main.png
 demo: $(VENV)/.runtime
 	$(PY) -m prepro.tinyshakespeare
 	rm -rf log_demo
 	$(PY) train_gpt2.py -e d2 -b 8 -t 64 -x 200 -l 2e-3 -u 10 -v 50 -m 16 -s 100 -g 64 -n 200 -o log_demo
+	$(PY) dev/plot_logs.py log_demo -o log_demo/main.png
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q
+
+# llm.c's test_gpt2 on OpenAI's GPT-2 124M: the weights from the Hugging Face hub (needs the network
+# once), the PyTorch reference's debug state on the first Tiny Shakespeare val tokens, then our model
+# against it (DEVICE=cuda for the GPU and llm.c's bf16 bars)
+data/gpt2_124M.bin: | $(VENV)/.runtime
+	$(PY) -m prepro.gpt2_weights gpt2
+
+data/gpt2_124M_debug_state.bin: data/gpt2_124M.bin | $(VENV)/.test
+	$(PY) -m prepro.tinyshakespeare
+	$(PY) dev/torch_gpt2.py --model-in data/gpt2_124M.bin -b 4 -t 64 --steps 10 --lr 1e-4 \
+		--tokens data/tinyshakespeare/tiny_shakespeare_val.bin --state-out $@
+
+test_gpt2: data/gpt2_124M_debug_state.bin
+	$(PY) dev/test_gpt2.py -e data/gpt2_124M.bin -s data/gpt2_124M_debug_state.bin --device $(or $(DEVICE),auto)
 
 # every kernels/*.cu through nvcc for Ampere (sm_80) and Hopper (sm_90a), warnings as errors; the
 # cubins are cached in kernels/build/, where the CUDA backend finds them (needs nvcc, no GPU)
@@ -40,6 +56,24 @@ kernels:
 bench: kernels
 	$(PYTHON) dev/bench/kernels.py
 	$(PYTHON) dev/bench/train.py
+
+.PHONY: gpu-prep gpu-check
+DIR ?= gpu_prep
+OUT ?= log_gpu_check
+
+# on a machine with network: fill DIR (ignored, < 60 MiB) with what an offline GPU machine needs for
+# gpu-check: wheels for its Python 3.12 (nvmath-python ...), Tiny Shakespeare's shards and tokenizer
+# file, and the cubins for sm_90a
+gpu-prep: $(VENV)/.runtime
+	$(PY) dev/gpu_check.py prep $(DIR)
+
+# on a GPU machine, offline, with its own python3 (CUDA torch, CuPy): proves the CUDA backend is
+# there, then every GPU test, the kernel bench, training steps beside PyTorch at B=16 and the
+# largest B that fits, and the loss curve beside PyTorch's, each in its own time slot (7 minutes in
+# all), installing from DIR what the machine lacks; logs, records and a summary in OUT.
+# STAGES="tests parity" and TESTS="tests/test_cuda_matmul.py" rerun a part
+gpu-check:
+	@$(PYTHON) dev/gpu_check.py run $(OUT) --prep $(DIR) --stages "$(STAGES)" --tests "$(TESTS)"
 
 clean:
 	rm -rf $(VENV) log_demo .pytest_cache kernels/build

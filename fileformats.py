@@ -228,9 +228,9 @@ class OptimizerState:
     m: np.ndarray                 # (shard_size,) fp32 AdamW first moment
     v: np.ndarray                 # (shard_size,) fp32 second moment
     master: np.ndarray | None     # (shard_size,) fp32 master weights, if kept
-    # our trailer (llm.c puts its loader's permutations here; ours are counter-based, so the epoch
-    # is the loader's whole RNG state), and the outlier detectors' windows, so that a resumed run
-    # z-scores and skips exactly as the straight run would
+    # our trailer (llm.c puts its loader's permutations here; ours replays its generator from the
+    # seed to (epoch, shard, sample), so the epoch completes its state), and the outlier detectors'
+    # windows, so that a resumed run z-scores and skips exactly as the straight run would
     epoch: int = 0
     loss_window: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # float64
     norm_window: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # float64
@@ -268,13 +268,18 @@ def write_state(path, state):
         _write(f, windows, "<f8")
 
 
-def read_state(path, shard_size):
+def read_state(path, shard_size, expected_processes=None):
+    """The state of one rank, whose m, v (and master weights) hold shard_size values each. With
+    expected_processes, a state written by a run of another number of processes is refused."""
     header, size = _read_header(path, STATE_MAGIC, "an llm.c optimizer state", {1: ""})
     num_processes, rank, master, shuffle = header[2:6].tolist()
     step = int(header[10])
     if num_processes < 1 or not 0 <= rank < num_processes or master not in (0, 1) or shuffle not in (0, 1) or step < 0:
         raise FormatError(path, f"bad header: num_processes={num_processes} rank={rank} use_master_weights={master} "
                                 f"shuffle={shuffle} step={step}")
+    if expected_processes is not None and num_processes != expected_processes:
+        raise FormatError(path, f"written by a run of {num_processes} process(es), and this one has "
+                                f"{expected_processes}: resume with the same number (-pn {num_processes})")
     parts = [("<f4", shard_size)] * (3 if master else 2)
     note = f"for m, v{', master' if master else ''} of {shard_size} values each, then our trailer"
     _check_size(path, size, parts + TRAILER_PARTS, note)

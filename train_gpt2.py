@@ -14,6 +14,8 @@ are llm.c's (see --help), plus --device.
     python train_gpt2.py -e d6 -b 4 -t 128 -x 400 -n 100 -o log_d6 -y 1  # go on from its last checkpoint
 """
 import codecs
+import contextlib
+import glob
 import math
 import os
 import re
@@ -25,9 +27,11 @@ import time
 import numpy as np
 
 from cli import ArgumentParser, fail
-from dataloader import DataLoader
+from dataloader import DataLoader, mt19937
 from fileformats import (FormatError, GPT2Config, OptimizerState, atomic_write, num_parameters, param_shapes,
                          read_hellaswag, read_model, read_state, read_tokenizer, write_model, write_state)
+import distributed
+from distributed import shard_size
 from kernels import BuildError, cuda_unavailable, reference
 
 # ----------------------------------------------------------------------------- configuration
@@ -142,32 +146,52 @@ def layer(activation, l):
     return activation[l if activation.shape[0] > 1 else 0]
 
 
+def optimizer_range(num_params, world_size, rank, zero_stage):
+    """The elements [lo, hi) of the flat parameter buffer whose AdamW state (m, v, master weights)
+    this rank keeps and updates: all of them, or with ZeRO-1 its shard (the last one short)."""
+    if zero_stage == 0:
+        return 0, num_params
+    size = shard_size(num_params, world_size)
+    return min(rank * size, num_params), min((rank + 1) * size, num_params)
+
+
 class GPT2:
     """A GPT-2 on backend K (kernels.reference or kernels.cuda) over flat buffers: parameters and
     gradients in K's float, fp32 AdamW m and v, fp32 master weights where the parameters are bf16
     (unless master_weights is off, -w 0), and the activations of (B, T). params: the fp32 host
     values to start from (on the GPU: rounded to bf16 for the parameters, kept whole as master).
-    recompute is -r, gelu_fusion -ge (resolved: 0, 1 or 2)."""
+    recompute is -r, gelu_fusion -ge (resolved: 0, 1 or 2).
 
-    def __init__(self, config, params, B, T, K=reference, recompute=1, gelu_fusion=2, master_weights=True):
+    With several processes the parameter and gradient buffers are padded (zeros) to world_size
+    equal shards, and m, v and master weights cover only optimizer_range: the whole model, or
+    with ZeRO-1 (zero_stage 1) this rank's shard."""
+
+    def __init__(self, config, params, B, T, K=reference, recompute=1, gelu_fusion=2, master_weights=True,
+                 world_size=1, rank=0, zero_stage=0):
         n = num_parameters(config)
         assert params.shape == (n,) and params.dtype == np.float32
         assert T <= config.max_seq_len and config.channels % config.num_heads == 0
         assert recompute in (0, 1, 2) and gelu_fusion in (0, 1, 2)
         self.config, self.B, self.T, self.K = config, B, T, K
         self.recompute, self.gelu_fusion = recompute, gelu_fusion
-        self.params = K.zeros(n, K.FLOAT)
-        K.upload(self.params, params)
+        self.world_size, self.rank, self.zero_stage = world_size, rank, zero_stage
+        self.num_params, self.shard_size = n, shard_size(n, world_size)
+        self.lo, self.hi = optimizer_range(n, world_size, rank, zero_stage)
+        padded = self.shard_size * world_size
+        self.params = K.zeros(padded, K.FLOAT)
+        K.upload(self.params[:n], params)
         self.master = None
         if master_weights and K.FLOAT != np.float32:
-            self.master = K.zeros(n, np.float32)
-            K.upload(self.master, params)
-        self.grads = K.zeros(n, K.FLOAT)
-        self.m = K.zeros(n, np.float32)
-        self.v = K.zeros(n, np.float32)
+            self.master = K.zeros(self.hi - self.lo, np.float32)
+            K.upload(self.master, params[self.lo:self.hi])
+        self.grads = K.zeros(padded, K.FLOAT)
+        self.m = K.zeros(self.hi - self.lo, np.float32)
+        self.v = K.zeros(self.hi - self.lo, np.float32)
         shapes = param_shapes(config)
-        self.p = carve(self.params, shapes)
-        self.g = carve(self.grads, shapes)
+        self.p = carve(self.params[:n], shapes)
+        self.g = carve(self.grads[:n], shapes)
+        # this rank's shard of the gradients: the part of the sum over ranks that reduce-scatter leaves here
+        self.grad_shard = self.grads[rank * self.shard_size:(rank + 1) * self.shard_size]
         self.acts_memory = K.zeros(activation_layout(activation_shapes(config, B, T, recompute), K.FLOAT)[1], np.uint8)
         self._acts = {}
         self.a = self.acts(B, T)
@@ -193,13 +217,7 @@ class TorchCPUGenerator:
     PyTorch reference draws (llm.c does the same in C)."""
 
     def __init__(self, seed):
-        key = np.empty(624, dtype=np.uint64)  # mt19937's init_genrand, in 64 bits then masked
-        key[0] = seed & 0xFFFFFFFF
-        for i in range(1, 624):
-            prev = int(key[i - 1])
-            key[i] = (1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF
-        self.bitgen = np.random.MT19937()
-        self.bitgen.state = {"bit_generator": "MT19937", "state": {"key": key.astype(np.uint32), "pos": 624}}
+        self.bitgen = mt19937(seed)  # seeded as torch (and llm.c) seed it
 
     def uniform(self, n):
         """torch's float uniform in [0, 1): the low 24 bits of each 32-bit draw, times 2^-24."""
@@ -291,12 +309,14 @@ def zero_grad(model):
 
 def backward(model, targets, grad_accum_steps=1):
     """Loss of the last forward against targets (B,T) int32 on the host, and its gradient
-    accumulated into model.grads (each micro-step adds its share, 1/grad_accum_steps of a mean over
-    tokens). Returns this micro-step's mean loss."""
+    accumulated into model.grads: each micro-step of each rank adds its share of a mean over all
+    the step's tokens, 1/(B*T*grad_accum_steps*world_size), so that summing the ranks' gradients
+    gives the mean. Returns this micro-step's mean loss as a 0-d float64 array on the backend:
+    reading it waits for the GPU, so the loop reads it once per step."""
     B, T = targets.shape
     K, p, g, a, L = model.K, model.p, model.g, model.acts(B, T), model.config.num_layers
     K.upload(a["targets"], targets)
-    dloss = 1.0 / (B * T * grad_accum_steps)
+    dloss = 1.0 / (B * T * grad_accum_steps * model.world_size)
     K.fused_classifier(a["logits"], a["losses"], a["targets"], model.config.vocab_size, dloss, write_dlogits=True)
     dlogits, dresidual, dbtc, dbt4c = a["logits"], a["dresidual"], a["dbtc"], a["dbt4c"]
     dqkv = dbt4c.reshape(-1)[:B * T * 3 * model.config.channels].reshape(B, T, -1)
@@ -330,25 +350,53 @@ def backward(model, targets, grad_accum_steps=1):
         K.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], dbtc, residual, p["ln1w"][l],
                              a["ln1_mean"][l], a["ln1_rstd"][l])
     K.encoder_backward(g["wte"], g["wpe"], dresidual, a["inputs"])
-    return float(a["losses"].mean())
+    return a["losses"].mean(dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------- update
 
+def gradients(model, comm, loader, grad_accum_steps):
+    """The gradients of one step, over grad_accum_steps micro-batches of loader on every rank, summed
+    across ranks into each rank's shard (with -z 0, into the whole buffer on every rank). Returns
+    (loss, norm) of the whole step, the same on every rank."""
+    zero_grad(model)
+    loss = 0.0
+    for _ in range(grad_accum_steps):
+        inputs, targets = loader.next_batch()
+        forward(model, inputs)
+        loss = loss + backward(model, targets, grad_accum_steps) / grad_accum_steps  # stays on the backend
+    comm.reduce_scatter(model.grads)  # this rank's shard now holds the gradients summed over ranks
+    if model.zero_stage == 0:
+        comm.all_gather(model.grads)  # and every rank all of them: each updates the whole model
+    # only now, at the step's end, does the host wait for the GPU: for the loss and the squared norm,
+    # each summed over ranks
+    loss, norm_squared = comm.sum([float(loss), grad_norm(model) ** 2])
+    return loss / comm.world_size, math.sqrt(norm_squared)
+
+
 def grad_norm(model):
-    return model.K.global_norm(model.grads)
+    """The norm of this rank's shard of the gradients (all of them, with one process). The global
+    norm is the root of the ranks' squares summed; every rank, -z 0 or 1, takes its part from the
+    same shard, so both give the same bits."""
+    return model.K.global_norm(model.grad_shard)
 
 
 def update(model, lr, weight_decay, step, grad_scale, seed):
-    """One AdamW step (t = step + 1) on the gradients times grad_scale (the clip), per tensor so
-    that weight decay reaches the 2-D weights only. seed (32 bits) feeds the GPU's stochastic
-    rounding; the tensor's index goes in the high word, so no two tensors round alike."""
-    K = model.K
+    """One AdamW step (t = step + 1) on the gradients times grad_scale (the clip), over this rank's
+    optimizer_range, per tensor so that weight decay reaches the 2-D weights only. seed (32 bits)
+    feeds the GPU's stochastic rounding, with the tensor's index in the high word (no two tensors
+    round alike) and each element's index in its tensor: a shard boundary inside a tensor (ZeRO-1)
+    changes no bit."""
+    K, lo, hi = model.K, model.lo, model.hi
     for i, (name, sl) in enumerate(model.slices.items()):
+        start, stop = max(sl.start, lo), min(sl.stop, hi)  # the part of this tensor in the range
+        if start >= stop:
+            continue
         wd = weight_decay if name in DECAYED else 0.0
-        master = None if model.master is None else model.master[sl]
-        K.adamw(model.params[sl], model.grads[sl], model.m[sl], model.v[sl], master, step + 1, lr,
-                ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, wd, grad_scale, seed | i << 32)
+        state = slice(start - lo, stop - lo)
+        master = None if model.master is None else model.master[state]
+        K.adamw(model.params[start:stop], model.grads[start:stop], model.m[state], model.v[state], master,
+                step + 1, lr, ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, wd, grad_scale, seed | i << 32, start - sl.start)
 
 
 def learning_rate(schedule, step, num_steps, max_lr, warmup, final_frac):
@@ -410,9 +458,10 @@ def val_loss(model, loader, num_batches):
     return sum(float(token_losses(model, *loader.next_batch()).mean()) for _ in range(num_batches)) / num_batches
 
 
-def hellaswag_accuracy(model, examples):
+def hellaswag_correct(model, examples):
     """llm.c's HellaSwag: each example's four endings follow its context in four rows; the ending
-    with the lowest mean loss over its own tokens is the model's answer."""
+    with the lowest mean loss over its own tokens is the model's answer. Returns how many of the
+    examples it gets right."""
     correct = 0
     for ex in examples:
         rows = [ex.context + ending for ending in ex.endings]
@@ -426,22 +475,109 @@ def hellaswag_accuracy(model, examples):
                                                np.ascontiguousarray(tokens[:, 1:])))
         mean_losses = (losses * mask).sum(axis=1) / mask.sum(axis=1)
         correct += int(np.argmin(mean_losses) == ex.label)
-    return correct / len(examples)
+    return correct
 
 
-def sample(model, num_tokens, eot, seed):
-    """Generate after an EOT, one token at a time, each drawn from the full softmax (temperature
-    1); yields the token ids. Attention is causal, so each step runs only the tokens so far."""
-    rng = np.random.default_rng(seed)
-    tokens = np.full((1, num_tokens), eot, dtype=np.int32)
-    V = model.config.vocab_size
-    for t in range(1, num_tokens):
-        forward(model, tokens[:, :t])
-        logits = model.K.download(model.acts(1, t)["logits"][0, t - 1, :V]).astype(np.float64)
-        probs = np.exp(logits - logits.max())
-        cdf = np.cumsum(probs / probs.sum())
-        tokens[0, t] = min(int(np.searchsorted(cdf, rng.random(), side="right")), V - 1)
-        yield int(tokens[0, t])
+class KVCache:
+    """Every layer's keys and values of the positions run so far, (L, B, max_len, C) each, heads
+    side by side as in qkv: one new position at a time then attends to them, so a sampled token
+    costs one position through the model, not its whole prefix. Allocated once, before the loop."""
+
+    def __init__(self, model, B, max_len):
+        K, L, C = model.K, model.config.num_layers, model.config.channels
+        self.k = K.zeros(L * B * max_len * C, K.FLOAT).reshape(L, B, max_len, C)
+        self.v = K.zeros(L * B * max_len * C, K.FLOAT).reshape(L, B, max_len, C)
+        self.length = 0  # positions filled
+
+
+def forward_cached(model, cache, tokens):
+    """tokens (B,Tn) int32 on the host, at positions cache.length.. of their sequences, through the
+    model with the keys and values of the earlier positions taken from the cache and theirs added
+    to it -> logits (B,Tn,Vp) of the new positions. Nothing is kept for backward: every layer runs
+    in layer 0's activations."""
+    K, p, L, NH = model.K, model.p, model.config.num_layers, model.config.num_heads
+    B, Tn = tokens.shape
+    pos = cache.length
+    assert pos + Tn <= cache.k.shape[2], (pos, Tn, cache.k.shape)
+    a = model.acts(B, Tn)
+    ln1, ln2, fch, fch_gelu = a["ln1"][0], a["ln2"][0], a["fch"][0], a["fch_gelu"][0]
+    qkv, atty, residual2, residual3 = a["qkv"][0], a["atty"][0], a["residual2"][0], a["residual3"][0]
+    K.upload(a["inputs"], tokens)
+    K.encoder_forward(a["encoded"], a["inputs"], p["wte"], p["wpe"][pos:])  # positions pos..pos+Tn-1
+    K.layernorm_forward(ln1, a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"], p["ln1w"][0], p["ln1b"][0])
+    for l in range(L):
+        residual = a["encoded"] if l == 0 else residual3
+        K.matmul_forward(qkv, ln1, p["qkvw"][l], p["qkvb"][l])
+        K.attention_forward_cached(atty, cache.k[l], cache.v[l], qkv, pos, NH)
+        K.matmul_forward(a["proj_out"], atty, p["attprojw"][l], p["attprojb"][l])
+        K.fused_residual_forward(residual2, ln2, a["ln2_mean"][0], a["ln2_rstd"][0], residual, a["proj_out"],
+                                 p["ln2w"][l], p["ln2b"][l])
+        if model.gelu_fusion >= 1:
+            K.matmul_forward(fch_gelu, ln2, p["fcw"][l], p["fcb"][l], pre_gelu=fch)
+        else:
+            K.matmul_forward(fch, ln2, p["fcw"][l], p["fcb"][l])
+            K.gelu_forward(fch_gelu, fch)
+        K.matmul_forward(a["proj_out"], fch_gelu, p["fcprojw"][l], p["fcprojb"][l])
+        if l + 1 < L:
+            next_ln = (ln1, a["ln1_mean"][0], a["ln1_rstd"][0], p["ln1w"][l + 1], p["ln1b"][l + 1])
+        else:
+            next_ln = (a["lnf"], a["lnf_mean"], a["lnf_rstd"], p["lnfw"], p["lnfb"])
+        normed, mean, rstd, weight, bias = next_ln
+        K.fused_residual_forward(residual3, normed, mean, rstd, residual2, a["proj_out"], weight, bias)
+    K.matmul_forward(a["logits"], a["lnf"], p["wte"], None)
+    cache.length = pos + Tn
+    return a["logits"]
+
+
+def next_token(logits, rng, temperature, top_k):
+    """A token id drawn from logits (V,) float64: argmax at temperature 0, otherwise from
+    softmax(logits / temperature) over the top_k largest logits (0: all of them)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    candidates = np.arange(logits.size)
+    if 0 < top_k < logits.size:
+        candidates = np.sort(np.argpartition(logits, -top_k)[-top_k:])
+    scaled = logits[candidates] / temperature
+    cdf = np.cumsum(np.exp(scaled - scaled.max()))
+    # u * cdf[-1] < cdf[-1], so the search lands on a candidate of non-zero probability
+    return int(candidates[np.searchsorted(cdf, rng.random() * cdf[-1], side="right")])
+
+
+class Sampler:
+    """Text from the model, one token at a time, for sequences of up to max_len tokens: the prompt
+    runs through the model once, filling a KV cache (allocated here, once), then each new token
+    one position. A backend without attention_forward_cached (the CUDA one, until a decode kernel
+    has run on a GPU) recomputes the whole prefix for every token instead, and says so once; then
+    max_len must fit the activations of the training batch. use_cache=False recomputes on any
+    backend (as llm.c does), to compare."""
+
+    def __init__(self, model, max_len, use_cache=True):
+        assert max_len <= model.config.max_seq_len
+        self.model, self.max_len = model, max_len
+        self.cached = use_cache and hasattr(model.K, "attention_forward_cached")
+        self.cache = KVCache(model, 1, max_len) if self.cached else None
+        if use_cache and not self.cached:
+            print(f"sampling: the {model.K.DEVICE} backend has no cached attention kernel yet, so each sampled "
+                  f"token runs its whole prefix through the model")
+
+    def generate(self, prompt, num_new, seed, temperature=1.0, top_k=0):
+        """Yield num_new token ids after prompt (token ids), each drawn by next_token; a given seed
+        (anything np.random.default_rng takes) gives the same tokens."""
+        model, V = self.model, self.model.config.vocab_size
+        assert len(prompt) >= 1 and len(prompt) + num_new <= self.max_len, (len(prompt), num_new, self.max_len)
+        rng = np.random.default_rng(seed)
+        tokens = np.zeros((1, len(prompt) + num_new), dtype=np.int32)
+        tokens[0, :len(prompt)] = prompt
+        if self.cached:
+            self.cache.length = 0
+        for t in range(len(prompt), len(prompt) + num_new):
+            if self.cached:  # the prompt at once, then the one token drawn last
+                logits = forward_cached(model, self.cache, tokens[:, self.cache.length:t])[0, -1, :V]
+            else:
+                forward(model, tokens[:, :t])
+                logits = model.acts(1, t)["logits"][0, t - 1, :V]
+            tokens[0, t] = next_token(model.K.download(logits).astype(np.float64), rng, temperature, top_k)
+            yield int(tokens[0, t])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -456,7 +592,7 @@ def save_model(model, path):
     """Version 3 (fp32) from fp32 parameters (the CPU), version 5 from bf16 ones (the GPU): either
     way the file holds the parameters bit for bit."""
     version = 3 if model.params.dtype == np.float32 else 5
-    write_model(path, model.config, model.K.download(model.params), version)
+    write_model(path, model.config, model.K.download(model.params[:model.num_params]), version)
 
 
 def checkpoint_paths(run_dir, step, rank=0):
@@ -470,26 +606,43 @@ def done_steps(run_dir):
     return sorted(int(m.group(1)) for m in map(re.compile(r"DONE_(\d{8})$").match, names) if m)
 
 
-def save_checkpoint(run_dir, step, model, state):
-    """model_, state_ and DONE_ for this step. Both files are written in full under temporary names
-    first; then the three names appear with SIGINT/SIGTERM held back, DONE last, so a run stopped
-    at any moment leaves either the whole checkpoint or none of it (only SIGKILL or a power cut
-    can land between two renames: the next run's clean_run_dir removes such an orphan)."""
-    model_path, state_path, done_path = checkpoint_paths(run_dir, step)
-    save_model(model, model_path + ".partial")
+def save_checkpoint(run_dir, step, model, comm, state):
+    """model_ (rank 0), state_ (one per rank) and DONE_ for this step. Every file is written in
+    full under a temporary name first; once every rank's are, each rank renames its own with
+    SIGINT/SIGTERM held back, and once every rank has, rank 0 writes DONE. So a run stopped at any
+    moment leaves either the whole checkpoint or no DONE for it (only SIGKILL or a power cut can
+    land between two renames: the next run's clean_run_dir removes files whose DONE never came)."""
+    model_path, state_path, done_path = checkpoint_paths(run_dir, step, comm.rank)
+    renames = [(state_path + ".partial", state_path)]
+    if comm.rank == 0:
+        save_model(model, model_path + ".partial")
+        renames.insert(0, (model_path + ".partial", model_path))
     write_state(state_path + ".partial", state)
+    comm.barrier()
+    with signals_held():
+        for partial, path in renames:
+            os.replace(partial, path)
+    comm.barrier()
+    if comm.rank == 0:
+        with signals_held(), atomic_write(done_path):
+            pass
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block is over."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        os.replace(model_path + ".partial", model_path)
-        os.replace(state_path + ".partial", state_path)
-        with atomic_write(done_path):
-            pass
+        yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def remove_checkpoint(run_dir, step):
-    for path in reversed(checkpoint_paths(run_dir, step)):  # DONE first: never a DONE without its files
+    """DONE first (never a DONE without its files), then the model and every rank's state."""
+    model_path, _, done_path = checkpoint_paths(run_dir, step)
+    states = glob.glob(os.path.join(glob.escape(run_dir), f"state_{step:08d}_*.bin"))
+    for path in [done_path, model_path, *sorted(states)]:
         if os.path.exists(path):
             os.remove(path)
 
@@ -573,12 +726,17 @@ def parse_args(argv):
     add("-z", type=int, default=0, choices=(0, 1), help="ZeRO stage: 1 shards the AdamW state across processes")
     add("-r", type=int, default=1, choices=(0, 1, 2), help="recompute in backward, keeping less memory: 0 none, "
                                                            "1 GELU, 2 GELU and layernorm")
-    add("-pn", type=int, default=1, help="number of processes (default: 1)")
-    add("-pr", type=int, default=0, help="this process's rank (default: 0)")
-    add("-pg", type=int, default=8, help="GPUs per node (default: 8)")
-    add("-pi", default="env", choices=("tcp", "fs", "env"), help="how processes find each other (default: env)")
-    add("-ps", default="", help="server address, for -pi tcp")
-    add("-pf", default="/tmp", help="shared directory, for -pi fs (default: /tmp)")
+    add("-pn", type=int, default=None, help="number of processes; alone (no -pr, no launcher's environment), "
+                                            "starts them all on this machine (default: 1)")
+    add("-pr", type=int, default=None, help="this process's rank, for processes started by hand (default: from "
+                                            "torchrun, srun or mpirun's environment, else 0)")
+    add("-pg", type=int, default=8, help="GPUs per node: a rank from -pr uses GPU rank %% pg (default: 8)")
+    add("-pi", default="env", choices=("tcp", "fs", "env"), help="how the ranks meet: tcp at -ps, fs through -pf, "
+        "env at MASTER_ADDR:MASTER_PORT (or torchrun's store, or Slurm's first node) (default: env)")
+    add("-ps", default="", help="rank 0's address HOST[:PORT], for -pi tcp (port default: MASTER_PORT or 29500)")
+    add("-pf", default="/tmp", help="a directory every rank can write, for -pi fs (default: /tmp)")
+    add("--rendezvous-timeout", type=float, default=300.0, help="seconds the ranks wait for each other at start "
+                                                                "(default: %(default)g)")
     return parser.parse_args(argv)
 
 
@@ -587,10 +745,9 @@ def check_args(args):
     rules = [
         (args.b > 0, f"-b {args.b}: the micro-batch size must be positive"),
         (args.t > 0, f"-t {args.t}: the sequence length must be positive"),
-        (args.pn > 0 and 0 <= args.pr < args.pn, f"-pn {args.pn} -pr {args.pr}: need 0 <= rank < processes"),
-        (args.pn == 1, f"-pn {args.pn}: several processes need the CUDA backend and NCCL, which this build lacks"),
-        (args.d == -1 or (args.d > 0 and args.d % (args.b * args.t * args.pn) == 0),
-         f"-d {args.d}: the total batch must be a multiple of B*T*processes = {args.b * args.t * args.pn}"),
+        ((args.pn or 1) > 0 and 0 <= (args.pr or 0) < (args.pn or 1) and args.pg > 0,
+         f"-pn {args.pn} -pr {args.pr} -pg {args.pg}: need 0 <= rank < processes, and GPUs per node > 0"),
+        (args.rendezvous_timeout > 0, f"--rendezvous-timeout {args.rendezvous_timeout:g}: must be positive"),
         (args.x == -1 or args.x > 0, f"-x {args.x}: steps must be positive, or -1 for one epoch"),
         (args.l >= 0 and args.c >= 0 and args.u >= 0, f"-l {args.l} -c {args.c} -u {args.u}: must not be negative"),
         (0 <= args.q <= 1, f"-q {args.q}: the final learning rate fraction must be in [0, 1]"),
@@ -606,13 +763,19 @@ def check_args(args):
             fail(message)
 
 
-def select_backend(device):
-    """The one place that chooses the kernels: kernels.cuda (bf16 on the GPU) or kernels.reference
-    (the NumPy twins, fp32). --device auto takes CUDA when it can run and says why not otherwise."""
+def select_backend(device, local_rank=0):
+    """The one place that chooses the kernels: kernels.cuda (bf16 on the GPU local_rank) or
+    kernels.reference (the NumPy twins, fp32). --device auto takes CUDA when it can run and says
+    why not otherwise."""
     if device == "cpu":
         return reference
     reason = cuda_unavailable()
     if reason is None:
+        import cupy
+        if local_rank >= cupy.cuda.runtime.getDeviceCount():
+            fail(f"local rank {local_rank} has no GPU: this node has {cupy.cuda.runtime.getDeviceCount()}; "
+                 f"start at most that many processes per node (-pg)")
+        cupy.cuda.Device(local_rank).use()  # before kernels.cuda loads its modules on the current device
         try:
             from kernels import cuda
         except BuildError as e:
@@ -625,16 +788,26 @@ def select_backend(device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     check_args(args)
-    B, T, rank, nproc = args.b, args.t, args.pr, args.pn
+    process = distributed.identify(args.pn, args.pr, args.pg)
+    B, T, nproc = args.b, args.t, args.pn if process is None else process.world_size
+    if args.d != -1 and (args.d <= 0 or args.d % (B * T * nproc)):
+        fail(f"-d {args.d}: the total batch must be a multiple of B*T*processes = {B * T * nproc}")
+    if process is None:  # -pn N, and nothing gave this process a rank: it starts the N ranks itself
+        sys.exit(distributed.launch(os.path.abspath(__file__), argv, nproc))
+    rank = process.rank
+    if rank != 0:  # rank 0 prints and logs for all; every rank's errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
     tokens_per_step = args.d if args.d != -1 else B * T * nproc
     grad_accum_steps = tokens_per_step // (B * T * nproc)
 
     # everything that reads a file, before anything is written
     resume_step = None
     if args.o is not None and os.path.isdir(args.o):
-        clean_run_dir(args.o)
+        if rank == 0:
+            clean_run_dir(args.o)
         steps = done_steps(args.o)
         if steps and not args.y:
             fail(f"-o {args.o} already holds checkpoints (up to step {steps[-1]}): resume with -y 1, "
@@ -644,7 +817,8 @@ def main(argv=None):
         if resume_step is not None:
             model_path, state_path, _ = checkpoint_paths(args.o, resume_step, rank)
             config, params = load_params(model_path)
-            state = read_state(state_path, params.size)
+            lo, hi = optimizer_range(params.size, nproc, rank, args.z)
+            state = read_state(state_path, hi - lo, nproc)
         elif args.e.endswith(".bin"):
             config, params = load_params(args.e)
         else:
@@ -652,6 +826,9 @@ def main(argv=None):
             params = init_params(config)
         if T > config.max_seq_len:
             fail(f"-t {T}: above the model's maximum sequence length {config.max_seq_len}")
+        if args.s and args.g > config.max_seq_len:
+            fail(f"-g {args.g}: more tokens to sample than the model's maximum sequence length {config.max_seq_len}: "
+                 f"lower -g")
         train_loader = DataLoader(args.i, B, T, config.vocab_size, rank, nproc, shuffle=not args.a)
         val_loader = DataLoader(args.j, B, T, config.vocab_size, rank, nproc) if args.v else None
         hellaswag = read_hellaswag(HELLASWAG) if args.h else None
@@ -667,11 +844,15 @@ def main(argv=None):
     if val_loader:
         val_batches = val_loader.num_batches if args.m == -1 else min(args.m, val_loader.num_batches)
 
-    K = select_backend(args.device)
+    K = select_backend(args.device, process.local_rank)
+    comm = distributed.connect(process, K is not reference, args.pi, args.ps, args.pf, args.rendezvous_timeout)
     model = GPT2(config, params, B, T, K, recompute=args.r, gelu_fusion=K.GELU_FUSION if args.ge == -1 else args.ge,
-                 master_weights=bool(args.w))
+                 master_weights=bool(args.w), world_size=nproc, rank=rank, zero_stage=args.z)
     step = 0
-    rng_state = 13371337 + rank  # llm.c's start: one draw per update seeds the GPU's stochastic rounding
+    # llm.c's start: one draw per update seeds the GPU's stochastic rounding. The same on every rank
+    # (llm.c adds the rank): with -z 0 each rank updates the whole model and the copies must stay
+    # equal, and with -z 1 a shard must round as it would under -z 0
+    rng_state = 13371337
     rng_state_last_update = rng_state  # the state that last update drew from, as llm.c's state file records
     loss_detector, norm_detector = OutlierDetector(), OutlierDetector()
     if resume_step is not None:
@@ -680,7 +861,7 @@ def main(argv=None):
         if state.master is not None and model.master is not None:
             K.upload(model.master, state.master)
         elif state.master is not None and model.params.dtype == np.float32:
-            K.upload(model.params, state.master)  # fp32 parameters are the master weights
+            K.upload(model.params[model.lo:model.hi], state.master)  # fp32 parameters are the master weights
         elif model.master is not None:  # bf16 model file, no fp32 state: master weights from the parameters
             print(f"{state_path} holds no master weights: they start from the checkpoint's parameters")
         elif state.master is not None:
@@ -709,6 +890,11 @@ def main(argv=None):
           f"{0 if model.master is None else model.master.nbytes * mib:.1f} MiB, activations "
           f"{model.acts_memory.nbytes * mib:.1f} MiB | peak host memory "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if nproc > 1:
+        print(f"processes: {nproc} (ranks from {process.source}), {comm.engine} collectives | ZeRO-{args.z}: "
+              f"each rank keeps the AdamW state of {model.hi - model.lo:,} of {num_parameters(config):,} parameters")
+    elif args.z:
+        print("-z 1 with one process: there is nothing to shard, so ZeRO-1 changes nothing")
     if args.m != -1 and val_loader and args.m > val_batches:
         print(f"-m {args.m}: the val split holds {val_batches} batches of B*T, so val loss uses those")
     if args.s and tokenizer is None:
@@ -721,53 +907,50 @@ def main(argv=None):
     log = None
     if args.o is not None:
         os.makedirs(args.o, exist_ok=True)
-        log = Log(args.o, step)
+        log = Log(args.o, step) if rank == 0 else None
         print(f"run directory: {args.o}")
 
+    sampler = Sampler(model, args.g) if args.s and rank == 0 else None  # its KV cache, before the loop
     ema_tok_s, timed_s, timed_steps = 0.0, 0.0, 0
     peak, step_flops_per_token = peak_flops(K.DEVICE), flops_per_token(config, T)
     for step in range(step, num_steps + 1):
         last_step = step == num_steps
-        if val_loader and (step % args.v == 0 or last_step):
-            loss = val_loss(model, val_loader, val_batches)
-            print(f"val loss {loss:.6f}")
-            if log:
-                log.write(f"s:{step} tel:{loss:.4f}")
-        if hellaswag and ((step > 0 and args.v and step % args.v == 0) or last_step):
-            accuracy = hellaswag_accuracy(model, hellaswag)
-            print(f"HellaSwag: {accuracy:.4f} of {len(hellaswag)}")
-            if log:
-                log.write(f"s:{step} eval:{accuracy:.4f}")
-        if args.s and ((step > 0 and step % args.s == 0) or last_step):
-            print("generating:\n---")
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            for token in sample(model, args.g, GPT2_EOT, seed=(1337, step)):
-                print(decoder.decode(tokenizer[token]) if tokenizer else f"{token} ", end="", flush=True)
-            print("\n---")
+        # the checkpoint first: nothing that evaluates the model (val loss, HellaSwag, a sample) can lose training
         if args.n and step != resume_step and ((step > 0 and step % args.n == 0) or last_step):
-            save_checkpoint(args.o, step, model, OptimizerState(
+            save_checkpoint(args.o, step, model, comm, OptimizerState(
                 num_processes=nproc, rank=rank, use_master_weights=model.master is not None,
                 shuffle=train_loader.shuffle, step=step, rng_state=rng_state,
                 rng_state_last_update=rng_state_last_update, shard_index=train_loader.shard_index,
                 sample_index=train_loader.sample_index, m=K.download(model.m), v=K.download(model.v),
                 master=None if model.master is None else K.download(model.master),
                 epoch=train_loader.epoch, loss_window=loss_detector.window, norm_window=norm_detector.window))
-            prune_checkpoints(args.o, args.nk, args.nm)
+            if rank == 0:
+                prune_checkpoints(args.o, args.nk, args.nm)
+        if val_loader and (step % args.v == 0 or last_step):
+            loss = comm.sum([val_loss(model, val_loader, val_batches)])[0] / nproc  # each rank has its own batches
+            print(f"val loss {loss:.6f}")
+            if log:
+                log.write(f"s:{step} tel:{loss:.4f}")
+        if hellaswag and ((step > 0 and args.v and step % args.v == 0) or last_step):
+            accuracy = comm.sum([hellaswag_correct(model, hellaswag[rank::nproc])])[0] / len(hellaswag)
+            print(f"HellaSwag: {accuracy:.4f} of {len(hellaswag)}")
+            if log:
+                log.write(f"s:{step} eval:{accuracy:.4f}")
+        if sampler and ((step > 0 and step % args.s == 0) or last_step):
+            print("generating:\n---")
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            for token in sampler.generate([GPT2_EOT], args.g - 1, seed=(1337, step)):
+                print(decoder.decode(tokenizer[token]) if tokenizer else f"{token} ", end="", flush=True)
+            print("\n---")
         if last_step:
             break
 
         t0 = time.perf_counter()
         if args.a:
             train_loader.reset()
-        zero_grad(model)
-        loss = 0.0
-        for _ in range(grad_accum_steps):
-            inputs, targets = train_loader.next_batch()
-            forward(model, inputs)
-            loss += backward(model, targets, grad_accum_steps) / grad_accum_steps
+        loss, norm = gradients(model, comm, train_loader, grad_accum_steps)
         zloss = loss_detector.update(loss)
         lr = learning_rate(args.k, step, num_steps, args.l, args.u, args.q)
-        norm = grad_norm(model)
         znorm = norm_detector.update(norm)
         if args.sl and zloss > args.sl:
             print(f"skipping update due to loss z-score of {zloss:f}")
@@ -777,6 +960,8 @@ def main(argv=None):
             rng_state_last_update = rng_state
             rng_state, seed = xorshift_u32(rng_state)
             update(model, lr, args.c, step, K.clip_scale(norm, GRAD_CLIP), seed)
+            if model.zero_stage == 1:
+                comm.all_gather(model.params)  # every rank's updated shard, to every rank
         K.synchronize()
         seconds = time.perf_counter() - t0
         tok_s = tokens_per_step / seconds
@@ -784,7 +969,7 @@ def main(argv=None):
             timed_s, timed_steps = timed_s + seconds, timed_steps + 1
             ema_tok_s = 0.95 * ema_tok_s + 0.05 * tok_s
             tok_s = ema_tok_s / (1 - 0.95 ** timed_steps)
-        mfu = f"{100 * step_flops_per_token * tok_s / peak:.1f}%" if peak else "n/a"
+        mfu = f"{100 * step_flops_per_token * tok_s / (peak * nproc):.1f}%" if peak else "n/a"  # per GPU
         print(f"step {step + 1:4d}/{num_steps} | loss {loss:.6f} ({zloss:+.2f}z)| norm {norm:6.4f} ({znorm:+.2f}z)"
               f"| lr {lr:.2e} | {1000 * seconds:.2f} ms | {mfu} MFU | {tok_s:.0f} tok/s", flush=True)
         if log:

@@ -15,7 +15,9 @@
 // equal to the bottom half / 2^16, the value's fractional position between its two bf16
 // neighbours: the rounding is unbiased, so updates smaller than a bf16 step still add up over
 // many steps. The random bits are a hash of (seed, element index) alone, so the result does not
-// depend on the launch shape, and the same seed gives the same bits on every run.
+// depend on the launch shape, and the same seed gives the same bits on every run. The index is the
+// element's in its tensor (offset + i: a call may cover part of a tensor, a ZeRO-1 shard's), so
+// where the shards fall changes no bit.
 //
 // Launch shape: 1-D grid, one thread per element, 64-bit indices (N may pass 2^31).
 #include "common.cuh"
@@ -47,7 +49,8 @@ template <bool kMaster>
 __device__ __forceinline__ void adamw_step(bf16* params, const bf16* grads, float* m, float* v, float* master,
                                            long long n, float beta1, float one_minus_beta1, float beta2,
                                            float one_minus_beta2, float v_hat_scale, float eps, float decay,
-                                           float step_size, float grad_scale, unsigned long long seed) {
+                                           float step_size, float grad_scale, unsigned long long seed,
+                                           long long offset) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const float g = __fmul_rn(__bfloat162float(grads[i]), grad_scale);
@@ -62,23 +65,24 @@ __device__ __forceinline__ void adamw_step(bf16* params, const bf16* grads, floa
     else old = __bfloat162float(params[i]);
     const float updated = __fsub_rn(__fmul_rn(old, decay), __fmul_rn(__fdiv_rn(mi, denom), step_size));
     if constexpr (kMaster) master[i] = updated;
-    params[i] = stochastic_round(updated, random_bits(seed, (unsigned long long)i));
+    params[i] = stochastic_round(updated, random_bits(seed, (unsigned long long)(offset + i)));
 }
 
 extern "C" __global__ void adamw_master_kernel(bf16* params, const bf16* grads, float* m, float* v, float* master,
                                                long long n, float beta1, float one_minus_beta1, float beta2,
                                                float one_minus_beta2, float v_hat_scale, float eps, float decay,
-                                               float step_size, float grad_scale, unsigned long long seed) {
+                                               float step_size, float grad_scale, unsigned long long seed,
+                                               long long offset) {
     adamw_step<true>(params, grads, m, v, master, n, beta1, one_minus_beta1, beta2, one_minus_beta2, v_hat_scale,
-                     eps, decay, step_size, grad_scale, seed);
+                     eps, decay, step_size, grad_scale, seed, offset);
 }
 
 extern "C" __global__ void adamw_kernel(bf16* params, const bf16* grads, float* m, float* v, long long n,
                                         float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
                                         float v_hat_scale, float eps, float decay, float step_size, float grad_scale,
-                                        unsigned long long seed) {
+                                        unsigned long long seed, long long offset) {
     adamw_step<false>(params, grads, m, v, nullptr, n, beta1, one_minus_beta1, beta2, one_minus_beta2, v_hat_scale,
-                      eps, decay, step_size, grad_scale, seed);
+                      eps, decay, step_size, grad_scale, seed, offset);
 }
 
 extern "C" __global__ void bf16_to_float_kernel(float* out, const bf16* inp, long long n) {

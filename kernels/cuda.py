@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 from nvmath.bindings import cublasLt as _lt
 
-from kernels import build, device_arch, reference
+from kernels import alignment_standin, build, device_arch, reference
 
 clip_scale = reference.clip_scale  # a rule on the host, the same on both backends
 
@@ -200,6 +200,12 @@ def gelu_backward(dinp, inp, dout):
 # epilogue, on the fp32 result before its one rounding to bf16. The bias gradient is our kernel
 # (kernels/matmul.cu). Descriptors and the algorithm cuBLASLt's heuristic picks are made once per
 # (shape, epilogue) and kept, so a training step after the first asks cuBLASLt nothing but to run.
+# One plan serves every layer, whose biases and pre-GELU buffers are 16-byte aligned but not always
+# more (at C=1600 layer l's qkvb starts 9600 l bytes after layer 0's: 128-byte aligned at odd l).
+# The heuristic may pick by the alignment of the bias and aux pointers it is shown, which no
+# preference bounds as MIN_ALIGNMENT_*_BYTES do for A-D; so a plan is made with stand-in pointers
+# aligned to exactly 16 bytes (kernels.alignment_standin), and every call asserts that its real
+# ones are 16-byte aligned.
 
 CUBLAS_COMPUTE_32F = 68
 CUDA_R_32F = 0
@@ -214,7 +220,7 @@ CUBLASLT_ALIGNMENT = 16
 CUBLASLT_REDUCTION_SCHEMES = int(_lt.ReductionScheme.COMPUTE_TYPE)
 MATMUL_DBIAS_ROWS_PER_SLAB = 64  # DBIAS_ROWS_PER_SLAB in kernels/matmul.cu
 
-_cublaslt = None       # (handle, workspace, preference), made on first use
+_cublaslt = None       # (handle, workspace, preference, stand-in address, its buffer), made on first use
 _matmul_plans = {}     # (m, n, k, transa, transb, epilogue) -> (desc, A, B, D layouts, heuristic)
 _ALPHA = np.ones(1, dtype=np.float32)   # host scalars, read by cuBLASLt when the call is made
 _BETA_OVERWRITE = np.zeros(1, dtype=np.float32)
@@ -246,23 +252,25 @@ def _cublaslt_context():
                             (P.MIN_ALIGNMENT_D_BYTES, CUBLASLT_ALIGNMENT)):
             _lt_set(_lt.matmul_preference_set_attribute, _lt.get_matmul_preference_attribute_dtype,
                     pref, attr, value)
-        _cublaslt = (handle, workspace, pref)
+        standin = cp.empty(2 * CUBLASLT_ALIGNMENT, dtype=cp.uint8)  # never read: its address is shown
+        _cublaslt = (handle, workspace, pref, alignment_standin(standin.data.ptr, CUBLASLT_ALIGNMENT), standin)
     return _cublaslt
 
 
-def _matmul_plan(handle, pref, m, n, k, transa, transb, epilogue, bias, aux):
-    """The descriptors of D (m x n, ld m) = op(A) @ op(B) with `epilogue`, and cuBLASLt's pick."""
+def _matmul_plan(handle, pref, standin, m, n, k, transa, transb, epilogue, with_bias, with_aux):
+    """The descriptors of D (m x n, ld m) = op(A) @ op(B) with `epilogue`, and cuBLASLt's pick for
+    any 16-byte aligned bias and aux: the heuristic sees them at `standin`."""
     D = _lt.MatmulDescAttribute
     desc = _lt.matmul_desc_create(CUBLAS_COMPUTE_32F, CUDA_R_32F)
     _set_desc(desc, D.TRANSA, CUBLAS_OP_T if transa else CUBLAS_OP_N)
     _set_desc(desc, D.TRANSB, CUBLAS_OP_T if transb else CUBLAS_OP_N)
     _set_desc(desc, D.EPILOGUE, epilogue)
-    if bias is not None:
+    if with_bias:
         _set_desc(desc, D.BIAS_DATA_TYPE, CUDA_R_16BF)
-        _set_desc(desc, D.BIAS_POINTER, bias.data.ptr)
-    if aux is not None:  # pre-GELU values, laid out like D
+        _set_desc(desc, D.BIAS_POINTER, standin)
+    if with_aux:  # pre-GELU values, laid out like D
         _set_desc(desc, D.EPILOGUE_AUX_LD, m)
-        _set_desc(desc, D.EPILOGUE_AUX_POINTER, aux.data.ptr)
+        _set_desc(desc, D.EPILOGUE_AUX_POINTER, standin)
     a_layout = _lt.matrix_layout_create(CUDA_R_16BF, *((k, m) if transa else (m, k)), k if transa else m)
     b_layout = _lt.matrix_layout_create(CUDA_R_16BF, *((n, k) if transb else (k, n)), n if transb else k)
     d_layout = _lt.matrix_layout_create(CUDA_R_16BF, m, n, m)
@@ -280,12 +288,12 @@ def _cublaslt_matmul(d, a, b, m, n, k, transa, transb, epilogue, bias=None, aux=
     """Column-major D (m x n, ld m) = op(A) @ op(B), plus D itself if accumulate, through `epilogue`
     (bias: m values; aux: m x n, ld m). All bf16, C-contiguous, 16-byte aligned."""
     check(cp.uint16, *(x for x in (d, a, b, bias, aux) if x is not None), align=CUBLASLT_ALIGNMENT)
-    handle, workspace, pref = _cublaslt_context()
+    handle, workspace, pref, standin, _ = _cublaslt_context()
     epilogue = int(epilogue)
     key = (m, n, k, transa, transb, epilogue)
     plan = _matmul_plans.get(key)
     if plan is None:
-        plan = _matmul_plans[key] = _matmul_plan(handle, pref, *key, bias, aux)
+        plan = _matmul_plans[key] = _matmul_plan(handle, pref, standin, *key, bias is not None, aux is not None)
     desc, a_layout, b_layout, d_layout, heuristic = plan
     # the pointers change from call to call (another layer's weights): cuBLASLt reads the
     # descriptor when the call is made, so setting them on the shared descriptor is enough
@@ -405,15 +413,16 @@ def global_norm(grads):
     return float(norm.get()[0])
 
 
-def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed):
+def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, offset=0):
     n = params.size
     check(cp.uint16, params, grads)
     check(cp.float32, m, v)
     assert grads.size == n and m.size == n and v.size == n
-    assert 0 <= seed < 2**64
+    assert 0 <= seed < 2**64 and offset >= 0
     # the twin's scalars, folded in float64 as it folds them, then rounded to fp32 as NumPy does
     scalars = (f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2), f32(1.0 / np.sqrt(1.0 - beta2 ** t)),
-               f32(eps), f32(1.0 - lr * weight_decay), f32(lr / (1.0 - beta1 ** t)), f32(grad_scale), np.uint64(seed))
+               f32(eps), f32(1.0 - lr * weight_decay), f32(lr / (1.0 - beta1 ** t)), f32(grad_scale), np.uint64(seed),
+               np.int64(offset))
     grid = (ceil_div(n, ADAMW_THREADS),)
     if master is None:
         kernel("adamw", "adamw_kernel")(grid, (ADAMW_THREADS,), (params, grads, m, v, np.int64(n), *scalars))

@@ -63,11 +63,12 @@ fused_classifier = _on_fp32(reference.fused_classifier)
 global_norm = _on_fp32(reference.global_norm)
 
 
-def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed):
+def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, offset=0):
     """The twin's step on the fp32 master weights (or on the bf16 params widened, without them),
     then the params rounded to nearest (the kernel rounds stochastically)."""
     weights = to_f32(params) if master is None else master
-    reference.adamw(weights, to_f32(grads), m, v, None, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed)
+    reference.adamw(weights, to_f32(grads), m, v, None, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed,
+                    offset)
     params[...] = to_bf16(weights)
 
 

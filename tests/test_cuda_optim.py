@@ -216,6 +216,11 @@ def test_stochastic_rounding_depends_on_seed_and_index_only(K):
     np.testing.assert_array_equal(prefix, a[:k])
     big_seed = run_adamw(K, grads, m, v, master, None, 0.1, seed=(1 << 40) + 1)[0]
     assert (big_seed != a).mean() > 0.2  # the seed's high half counts too
+    # a tensor's tail updated alone (its part in a ZeRO-1 shard), told its offset: the same bits
+    suffix = run_adamw(K, grads[k:], m[k:], v[k:], master[k:], None, 0.1, seed=1, offset=k)[0]
+    np.testing.assert_array_equal(suffix, a[k:])
+    unshifted = run_adamw(K, grads[k:], m[k:], v[k:], master[k:], None, 0.1, seed=1)[0]
+    assert (unshifted != a[k:]).mean() > 0.2  # so the offset is what keeps them
 
 
 def test_bf16_float_conversions(K):

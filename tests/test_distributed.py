@@ -1,0 +1,424 @@
+"""Several processes, for real, on the CPU: the NumPy backend over gloo, started by our launcher, by
+torchrun, and by hand as srun and mpirun start them. The reference for every multi-process run is
+the one-process run with the same total batch; ZeRO-1 is checked against ZeRO-0 bit for bit."""
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train_gpt2 as gpt
+from fileformats import GPT2Config, num_parameters, param_shapes, read_model, read_state
+
+REPO = Path(__file__).resolve().parents[1]
+# 1 layer, C=64; -a 1 trains every step on the first 256 tokens, so every world size sees the same
+# tokens; warmup, weight decay, and a learning rate high enough that the clip engages (norm > 1)
+SAME_TOKENS = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-a", "1", "-x", "6", "-d", "256", "-l", "1e-2",
+               "-u", "2", "-c", "0.1", "-v", "0", "-n", "6", "--device", "cpu"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra):
+    """This environment without any launcher's rank variables, plus extra."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_", "OMPI_", "PMI_", "TORCHELASTIC"))}
+    env["OMP_NUM_THREADS"] = "1"
+    return {**env, **extra}
+
+
+def train(*args, cwd, env=None, prefix=(), check=True, timeout=300):
+    result = subprocess.run([*prefix, *([sys.executable, str(REPO / "train_gpt2.py")] if not prefix else []), *args],
+                            cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def step_lines(stdout):
+    """The step lines without their timings."""
+    return [line.split(" ms |")[0].rsplit("|", 1)[0] for line in stdout.splitlines() if line.startswith("step")]
+
+
+def losses(stdout):
+    return np.array([float(line.split("| loss ")[1].split()[0]) for line in step_lines(stdout)])
+
+
+def error_line(result):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    return lines[-1]
+
+
+# ----------------------------------------------------------------------------- shards
+
+def tiny_config():
+    return GPT2Config(max_seq_len=8, vocab_size=10, num_layers=2, num_heads=2, channels=8, padded_vocab_size=16)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1001, 124_475_904])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7, 8])
+def test_shards_cover_every_element_once(n, world_size):
+    spans = [gpt.optimizer_range(n, world_size, rank, zero_stage=1) for rank in range(world_size)]
+    covered = np.zeros(min(n, 2000), dtype=int) if n <= 2000 else None
+    total = 0
+    for rank, (lo, hi) in enumerate(spans):
+        assert 0 <= lo <= hi <= n
+        assert hi - lo <= math.ceil(n / world_size)
+        total += hi - lo
+        if covered is not None:
+            covered[lo:hi] += 1
+    assert total == n
+    assert all(spans[r][1] <= spans[r + 1][0] or spans[r + 1][0] == spans[r + 1][1] for r in range(world_size - 1))
+    if covered is not None:
+        assert (covered == 1).all()
+    assert gpt.optimizer_range(n, world_size, 0, zero_stage=0) == (0, n)
+
+
+class RecordingAdamW:
+    """A backend whose adamw records which element of which tensor each call updates."""
+    FLOAT = np.float32
+    zeros = staticmethod(np.zeros)
+
+    def __init__(self):
+        self.calls = []
+
+    def upload(self, dst, src):
+        dst[...] = src
+
+    def adamw(self, params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, offset):
+        self.calls.append((seed >> 32, offset, params, grads, m, weight_decay))
+
+
+@pytest.mark.parametrize("world_size", [3, 5, 7])
+def test_zero1_updates_every_parameter_exactly_once_with_its_tensors_decay_and_index(world_size):
+    config = tiny_config()
+    n = num_parameters(config)
+    assert n % world_size  # shards that do not divide the model
+    shapes = param_shapes(config)
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    starts = np.cumsum([0] + sizes)
+    updated = [np.zeros(size, dtype=int) for size in sizes]
+    for rank in range(world_size):
+        K = RecordingAdamW()
+        model = gpt.GPT2(config, np.arange(n, dtype=np.float32), 1, 2, K, world_size=world_size, rank=rank,
+                         zero_stage=1)
+        gpt.update(model, 1e-3, 0.1, 0, 1.0, seed=5)
+        for i, offset, params, grads, m, decay in K.calls:
+            name = list(shapes)[i]
+            # the values are the flat indices: the slice is where the tensor index and offset say
+            np.testing.assert_array_equal(params, np.arange(starts[i] + offset, starts[i] + offset + params.size))
+            assert np.shares_memory(grads, model.grads) and m.size == params.size and np.shares_memory(m, model.m)
+            assert decay == (0.1 if name in gpt.DECAYED else 0.0)
+            updated[i][offset:offset + params.size] += 1
+    for name, counts in zip(shapes, updated):
+        assert (counts == 1).all(), name
+
+
+@pytest.mark.parametrize("descriptor, published", [("d12", 124_475_904), ("d48", 1_557_686_400)])
+def test_zero1_keeps_an_eighth_of_the_optimizer_state_per_rank_at_8_ranks(descriptor, published):
+    """llm.c's parameter counts (with the padded vocab) for GPT-2 124M and 1558M; m, v and the
+    master weights are fp32, 12 bytes per parameter on one rank."""
+    n = num_parameters(gpt.config_from_descriptor(descriptor))
+    assert n == published
+    one_rank_bytes = 12 * n
+    per_rank = [12 * (hi - lo) for hi, lo in
+                (reversed(gpt.optimizer_range(n, 8, rank, zero_stage=1)) for rank in range(8))]
+    assert sum(per_rank) == one_rank_bytes
+    assert max(per_rank) <= one_rank_bytes / 8 + 12 * 7  # an eighth, up to the padding of one shard
+
+
+# ----------------------------------------------------------------------------- training on several processes
+
+@pytest.fixture(scope="module")
+def same_tokens(data, tmp_path_factory):
+    """The SAME_TOKENS run on 1 process (grad accumulation 4), and on 2 and 4 (built-in launcher)
+    with -z 0 and -z 1: {(processes, zero): (stdout, run dir)}."""
+    cwd = tmp_path_factory.mktemp("same_tokens")
+    runs = {}
+    for nproc, zero in [(1, 0), (2, 0), (2, 1), (4, 0), (4, 1)]:
+        out = f"log_{nproc}_{zero}"
+        result = train(*SAME_TOKENS, *data, "-pn", str(nproc), "-z", str(zero), "-o", out, cwd=cwd)
+        runs[nproc, zero] = (result.stdout, cwd / out)
+    return runs
+
+
+@pytest.mark.parametrize("nproc, zero", [(2, 0), (2, 1), (4, 0), (4, 1)])
+def test_several_processes_train_as_one_with_the_same_total_batch(same_tokens, nproc, zero):
+    one_stdout, one_dir = same_tokens[1, 0]
+    stdout, run_dir = same_tokens[nproc, zero]
+    assert f"processes: {nproc}" in stdout and f"ZeRO-{zero}" in stdout
+    assert len(losses(stdout)) == 6
+    np.testing.assert_allclose(losses(stdout), losses(one_stdout), rtol=2e-6)
+    norms = [float(line.split("| norm ")[1].split()[0]) for line in step_lines(one_stdout)]
+    assert max(norms) > gpt.GRAD_CLIP  # the clip took part
+    config, ours = read_model(run_dir / "model_00000006.bin")
+    _, reference = read_model(one_dir / "model_00000006.bin")
+    # The sums over ranks round differently from one rank's, and AdamW's m / sqrt(v) magnifies a
+    # gradient's relative error where the gradient is near zero. The key bias's gradient is zero but
+    # for rounding (softmax ignores a constant added to a row's scores): there m / sqrt(v) is noise
+    # and the runs agree only to the largest possible movement, lr * steps. Everywhere else almost
+    # every parameter agrees to 1e-6 and none is off by more than 1e-5, a 6000th of lr * steps.
+    key_bias = np.zeros(ours.size, dtype=bool)
+    gpt.carve(key_bias, param_shapes(config))["qkvb"][:, config.channels:2 * config.channels] = True
+    diff = np.abs(ours - reference)
+    assert diff[~key_bias].max() <= 1e-5
+    assert np.mean(diff[~key_bias] <= 1e-6) > 0.9999
+    assert diff[key_bias].max() <= 1e-2 * 6
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_zero1_gives_the_parameters_of_zero0_bit_for_bit(same_tokens, nproc):
+    (z0_stdout, z0_dir), (z1_stdout, z1_dir) = same_tokens[nproc, 0], same_tokens[nproc, 1]
+    assert step_lines(z0_stdout) == step_lines(z1_stdout)
+    assert (z0_dir / "model_00000006.bin").read_bytes() == (z1_dir / "model_00000006.bin").read_bytes()
+
+
+def test_each_rank_writes_its_shard_of_the_state(same_tokens):
+    _, run_dir = same_tokens[4, 1]
+    n = num_parameters(gpt.config_from_descriptor("d1"))
+    names = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("state_"))
+    assert names == [f"state_00000006_{rank:05d}.bin" for rank in range(4)]
+    for rank in range(4):
+        lo, hi = gpt.optimizer_range(n, 4, rank, zero_stage=1)
+        state = read_state(run_dir / names[rank], hi - lo)
+        assert (state.num_processes, state.rank) == (4, rank)
+    assert {p.name for p in run_dir.iterdir()} >= {"main.log", "model_00000006.bin", "DONE_00000006"}
+
+
+def test_the_banner_shows_zero1_memory_per_rank(same_tokens):
+    def adamw_mib(stdout):
+        return float(stdout.split("AdamW m+v ")[1].split()[0])
+    assert adamw_mib(same_tokens[4, 1][0]) == pytest.approx(adamw_mib(same_tokens[1, 0][0]) / 4, abs=0.1)
+    assert adamw_mib(same_tokens[4, 0][0]) == adamw_mib(same_tokens[1, 0][0])
+
+
+def test_three_ranks_pad_the_last_shard_and_train_as_one(data, tmp_path):
+    """d1's 3,335,104 parameters do not split in 3: the buffers are padded, the model file is not."""
+    assert num_parameters(gpt.config_from_descriptor("d1")) % 3
+    cmd = [*SAME_TOKENS, *data, "-x", "3", "-d", "192", "-n", "3"]
+    one = train(*cmd, "-o", "one", cwd=tmp_path)
+    three = train(*cmd, "-pn", "3", "-z", "1", "-o", "three", cwd=tmp_path)
+    np.testing.assert_allclose(losses(three.stdout), losses(one.stdout), rtol=2e-6)
+    _, ours = read_model(tmp_path / "three/model_00000003.bin")
+    _, reference = read_model(tmp_path / "one/model_00000003.bin")
+    assert ours.size == reference.size
+    assert np.mean(np.abs(ours - reference) <= 1e-6) > 0.9999
+
+
+def test_resume_with_two_ranks_and_zero1_is_bit_exact(data, tmp_path):
+    """Shuffled data, checkpoints every 4 steps: stopped after step 4 and resumed with -y 1, the run
+    ends with the same files as one that never stopped."""
+    cmd = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-x", "8", "-d", "128", "-l", "1e-3", "-u", "2", "-c",
+           "0.1", "-v", "4", "-m", "2", "-n", "4", "--device", "cpu", "-pn", "2", "-z", "1", *data]
+    straight = train(*cmd, "-o", "a", cwd=tmp_path)
+    train(*cmd, "-x", "4", "-o", "b", cwd=tmp_path)  # a run told to stop at 4 writes the same step-4 files
+    assert not (tmp_path / "b/DONE_00000008").exists()
+    resumed = train(*cmd, "-o", "b", "-y", "1", cwd=tmp_path)
+    assert step_lines(resumed.stdout) == step_lines(straight.stdout)[4:]
+    for name in ["model_00000008.bin", "state_00000008_00000.bin", "state_00000008_00001.bin", "main.log"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------- launchers
+
+@pytest.fixture(scope="module")
+def launcher_run(same_tokens):
+    return step_lines(same_tokens[2, 0][0])
+
+
+def by_hand(tmp_path, data, variables, flags=lambda rank: []):
+    """Two processes started side by side, each with variables(rank) in its environment and
+    flags(rank) on its command line."""
+    procs = [subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py"), *SAME_TOKENS, *data, "-n", "0",
+                               *flags(rank)], cwd=tmp_path, env=clean_env(**variables(rank)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert outputs[1][0] == ""  # only rank 0 prints
+    return outputs[0][0]
+
+
+def test_torchrun_starts_it(data, tmp_path, launcher_run):
+    result = train(*SAME_TOKENS, *data, "-n", "0", cwd=tmp_path,
+                   prefix=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(REPO / "train_gpt2.py")])
+    assert step_lines(result.stdout) == launcher_run
+
+
+def test_slurm_variables_start_it(data, tmp_path, launcher_run):
+    port = str(free_port())
+    stdout = by_hand(tmp_path, data, lambda rank: dict(
+        SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_NODELIST="localhost",
+        MASTER_PORT=port))
+    assert "ranks from Slurm" in stdout
+    assert step_lines(stdout) == launcher_run
+
+
+def test_open_mpi_variables_start_it(data, tmp_path, launcher_run):
+    port = str(free_port())
+    stdout = by_hand(tmp_path, data, lambda rank: dict(
+        OMPI_COMM_WORLD_RANK=str(rank), OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_LOCAL_RANK=str(rank),
+        OMPI_COMM_WORLD_LOCAL_SIZE="2", MASTER_PORT=port))
+    assert "ranks from Open MPI" in stdout
+    assert step_lines(stdout) == launcher_run
+
+
+def test_llmc_flags_and_a_shared_directory_start_it(data, tmp_path, launcher_run):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    stdout = by_hand(tmp_path, data, lambda rank: {},
+                     lambda rank: ["-pn", "2", "-pr", str(rank), "-pi", "fs", "-pf", str(shared)])
+    assert "ranks from flags -pn/-pr" in stdout
+    assert step_lines(stdout) == launcher_run
+
+
+# ----------------------------------------------------------------------------- rendezvous
+
+RENDEZVOUS = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {repo!r})
+    import distributed
+    rank, world, kind, where, timeout = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
+    meeting = ("fs", where) if kind == "fs" else ("tcp", "127.0.0.1", int(where))
+    blob = b"fresh id from rank 0" if rank == 0 else b""
+    print(distributed.exchange(distributed.Process(rank, world, rank, "test"), meeting, blob, timeout).decode())
+""")
+
+
+def rendezvous(ranks, world, kind, where, timeout=60.0, delay=0.0):
+    script = RENDEZVOUS.format(repo=str(REPO))
+    procs = []
+    for rank in ranks:
+        procs.append(subprocess.Popen([sys.executable, "-c", script, str(rank), str(world), kind, str(where),
+                                       str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(delay)
+    return [(proc.wait(timeout=120), *proc.communicate()) for proc in procs]
+
+
+@pytest.mark.parametrize("kind", ["tcp", "fs"])
+def test_rendezvous_hands_rank_0s_id_to_four_processes(kind, tmp_path):
+    where = tmp_path if kind == "fs" else free_port()
+    results = rendezvous([3, 1, 0, 2], 4, kind, where, delay=0.1)  # rank 0 neither first nor last
+    assert [(code, out.strip()) for code, out, _ in results] == [(0, "fresh id from rank 0")] * 4
+    if kind == "fs":
+        assert not any(tmp_path.glob("*_join_*")) and not any(tmp_path.glob("*_reply_*"))
+
+
+@pytest.mark.parametrize("kind", ["tcp", "fs"])
+def test_rendezvous_names_the_rank_that_never_came(kind, tmp_path):
+    where = tmp_path if kind == "fs" else free_port()
+    start = time.monotonic()
+    results = rendezvous([0, 1, 2], 4, kind, where, timeout=2.0)
+    assert time.monotonic() - start < 30
+    code, out, err = results[0]
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "rank(s) 3 of 4 never arrived within 2 s" in err
+    for code, out, err in results[1:]:
+        assert code == 1 and err.startswith("error: rendezvous") and err.count("\n") == 1
+
+
+def test_a_stale_file_in_the_shared_directory_is_never_used(tmp_path):
+    """What a crashed run left: rank 1's join and a reply to it. Rank 1 starts first and sees the
+    reply before rank 0 has started; it must wait for this run's."""
+    (tmp_path / "gpt2_rendezvous_join_1").write_bytes(b"0123456789abcdef")
+    (tmp_path / "gpt2_rendezvous_reply_1").write_bytes(b"0123456789abcdef" + b"stale id from an old run")
+    results = rendezvous([1, 0], 2, "fs", tmp_path, delay=1.0)
+    assert [(code, out.strip()) for code, out, _ in results] == [(0, "fresh id from rank 0")] * 2
+
+
+# ----------------------------------------------------------------------------- faults and bad input
+
+def test_a_rank_killed_mid_run_ends_the_job_and_the_last_checkpoint_resumes(data, tmp_path):
+    cmd = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-v", "0", "-n", "2", "-l", "1e-3", "--device", "cpu",
+           "-pn", "2", *data, "-o", "run"]
+    launcher = subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py"), *cmd, "-x", "10000"], cwd=tmp_path,
+                                env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "run").glob("DONE_*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+    assert len(children) == 2
+    rank1 = next(pid for pid in children if "RANK=1\0" in Path(f"/proc/{pid}/environ").read_text())
+    os.kill(rank1, signal.SIGKILL)
+    killed = time.monotonic()
+    code = launcher.wait(timeout=30)
+    assert time.monotonic() - killed < 15
+    assert code != 0
+    assert "error: rank 1 of 2 was killed by SIGKILL" in launcher.stderr.read()
+    for pid in children:  # no orphan: both ranks are gone (reaped, or at most a zombie)
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text()
+    done = max(int(p.name[5:]) for p in (tmp_path / "run").glob("DONE_*"))
+    resumed = train(*cmd, "-x", str(done + 2), "-y", "1", cwd=tmp_path)
+    assert f"resuming from run/model_{done:08d}.bin" in resumed.stdout
+    assert (tmp_path / f"run/DONE_{done + 2:08d}").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_launcher_passes_ctrl_c_and_sigterm_on_and_leaves_no_process(data, tmp_path, signum):
+    cmd = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-v", "0", "-n", "2", "--device", "cpu", "-pn", "2",
+           *data, "-o", "run"]
+    launcher = subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py"), *cmd, "-x", "10000"], cwd=tmp_path,
+                                env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "run").glob("DONE_*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+    launcher.send_signal(signum)
+    assert launcher.wait(timeout=30) == 128 + signum
+    for pid in children:
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text()
+    done = max(int(p.name[5:]) for p in (tmp_path / "run").glob("DONE_*"))
+    train(*cmd, "-x", str(done + 1), "-y", "1", cwd=tmp_path)
+
+
+def test_bad_multiprocess_input_is_one_line_and_writes_nothing(data, tmp_path):
+    base = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-x", "2", "--device", "cpu", *data]
+    port = free_port()
+    cases = [
+        (["-pn", "2", "-pr", "2"], "need 0 <= rank < processes"),
+        (["-pn", "2", "-d", "96"], "-d 96: the total batch must be a multiple of B*T*processes = 128"),
+        (["-pn", "2", "-pr", "1", "-pi", "tcp", "-ps", f"127.0.0.1:{port}", "--rendezvous-timeout", "1"],
+         f"no answer from rank 0 at 127.0.0.1:{port} within 1 s"),
+        (["-pn", "2", "-pr", "1", "-pi", "tcp", "-ps", "no-such-host.invalid", "--rendezvous-timeout", "1"],
+         "cannot resolve rank 0's host 'no-such-host.invalid'"),
+        (["-pn", "2", "-pr", "0", "-pi", "fs", "-pf", str(tmp_path / "missing")],
+         "not a writable directory"),
+        (["-pn", "2", "-pr", "0", "-pi", "tcp"], "-pi tcp: give rank 0's address as -ps HOST[:PORT]"),
+    ]
+    for args, message in cases:
+        result = train(*base, *args, "-o", "out", cwd=tmp_path, check=False)
+        assert result.returncode == 1, (args, result.stderr[-2000:])
+        assert message in error_line(result), (args, result.stderr)
+        assert result.stderr.count("\n") == 1, (args, result.stderr)
+        assert not (tmp_path / "out").exists()
+
+
+def test_resuming_with_another_number_of_processes_is_refused(data, tmp_path):
+    cmd = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-v", "0", "-n", "2", "--device", "cpu", *data, "-o", "run"]
+    train(*cmd, "-x", "2", "-pn", "2", cwd=tmp_path)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    result = train(*cmd, "-x", "4", "-y", "1", "-pn", "4", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "written by a run of 2 process(es), and this one has 4: resume with the same number (-pn 2)" \
+        in result.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_zero1_on_one_process_is_accepted_and_said_to_do_nothing(data, tmp_path):
+    result = train("-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-x", "1", "-v", "0", "--device", "cpu", "-z", "1",
+                   *data, cwd=tmp_path)
+    assert "-z 1 with one process: there is nothing to shard, so ZeRO-1 changes nothing" in result.stdout
