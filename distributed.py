@@ -459,7 +459,7 @@ def launch(script, argv, world_size):
     if threads_each is None:  # as torchrun does: the ranks' BLAS threads would otherwise fight for the cores
         threads_each = str(max(1, (os.cpu_count() or 1) // world_size))
         print(f"launcher: OMP_NUM_THREADS={threads_each} for each of the {world_size} ranks (set it to choose)",
-              file=sys.stderr)
+              flush=True)
 
     def pump(rank, stream):
         for line in stream:
