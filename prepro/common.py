@@ -1,9 +1,10 @@
-"""What the prepro scripts share: downloading to a file that appears only when whole, GPT-2's encoding
-loaded with a one-line error, reading jsonl records, and an ordered parallel map with bounded memory. Each script opens with
-two lines that put the repository root on sys.path when it is run as a file (`python prepro/fineweb.py`),
-as `python -m prepro.fineweb` does."""
+"""What the prepro scripts share: downloading to a file that appears only when whole (or reusing it),
+GPT-2's encoding loaded with a one-line error, reading jsonl records, and an ordered parallel map with
+bounded memory. Each script opens with two lines that put the repository root on sys.path when it is
+run as a file (`python prepro/fineweb.py`), as `python -m prepro.fineweb` does."""
 import collections
 import functools
+import http.client
 import json
 import shutil
 import urllib.request
@@ -16,6 +17,20 @@ from prepro.gpt2_tokenizer import gpt2_encoding
 def download(url, path, timeout=10):
     with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(path) as f:
         shutil.copyfileobj(response, f)
+
+
+def local_copy(url, path, timeout=10):
+    """path, downloaded from url unless a copy is there already; a download that fails is one line
+    that points at --source."""
+    if path.exists():
+        print(f"reusing {path}")
+        return path
+    print(f"downloading {url} to {path}")
+    try:
+        download(url, path, timeout)
+    except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors too
+        fail(f"could not download {url} ({e}); give a local copy with --source")
+    return path
 
 
 @functools.cache

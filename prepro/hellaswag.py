@@ -14,12 +14,11 @@ import sys
 if __package__ in (None, ""):  # run as a file: the repository root on the path, as `python -m` puts it
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import http.client
 from pathlib import Path
 
 from cli import ArgumentParser, fail
 from fileformats import HellaSwagExample, write_hellaswag
-from prepro.common import SourceError, download, jsonl_records, load_encoding
+from prepro.common import SourceError, jsonl_records, load_encoding, local_copy
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -47,14 +46,7 @@ def prepare(data_dir, source=None, url=URL):
     folder = Path(data_dir) / "hellaswag"
     folder.mkdir(parents=True, exist_ok=True)
     if source is None:
-        source = folder / "hellaswag_val.jsonl"
-        if source.exists():
-            print(f"reusing {source}")
-        else:
-            try:
-                download(url, source)
-            except (OSError, http.client.HTTPException) as e:
-                fail(f"could not download {url} ({e}); give a local copy with --source")
+        source = local_copy(url, folder / "hellaswag_val.jsonl")
     examples = read_examples(source, load_encoding())
     out = folder / "hellaswag_val.bin"
     try:

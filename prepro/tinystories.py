@@ -17,7 +17,6 @@ import sys
 if __package__ in (None, ""):  # run as a file: the repository root on the path, as `python -m` puts it
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import http.client
 import json
 import multiprocessing
 import random
@@ -28,7 +27,7 @@ import numpy as np
 
 from cli import ArgumentParser, fail
 from fileformats import write_shard
-from prepro.common import download, load_encoding, ordered_map
+from prepro.common import load_encoding, local_copy, ordered_map
 from prepro.gpt2_tokenizer import EOT
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
@@ -71,15 +70,7 @@ def prepare(data_dir, source=None, url=URL, processes=None):
     folder = Path(data_dir) / "tinystories"
     folder.mkdir(parents=True, exist_ok=True)
     if source is None:
-        source = folder / "TinyStories_all_data.tar.gz"
-        if source.exists():
-            print(f"reusing {source}")
-        else:
-            print(f"downloading {url} to {source}")
-            try:
-                download(url, source, timeout=60)
-            except (OSError, http.client.HTTPException) as e:
-                fail(f"could not download {url} ({e}); give a local copy with --source")
+        source = local_copy(url, folder / "TinyStories_all_data.tar.gz", timeout=60)
     encoding = load_encoding()
     processes = processes or len(os.sched_getaffinity(0))
     outputs = {}
