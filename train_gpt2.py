@@ -266,39 +266,54 @@ def init_params(config, seed=42):
 
 # ----------------------------------------------------------------------------- forward
 
-def forward(model, inputs):
+def forward(model, inputs, cache=None):
     """inputs (B,T) int32 on the host -> model.acts(B, T)['logits'] (B,T,Vp), keeping every
-    activation backward needs. B*T may be smaller than the training batch's."""
+    activation backward needs. B*T may be smaller than the training batch's.
+
+    With a KVCache, inputs are positions cache.length.. of their sequences: attention takes the
+    earlier positions' keys and values from the cache and adds theirs to it, and nothing is kept
+    for backward (every layer runs in layer 0's activations)."""
     K, p, L = model.K, model.p, model.config.num_layers
-    a = model.acts(*inputs.shape)
+    B, T = inputs.shape
+    a = model.acts(B, T)
+    pos = 0 if cache is None else cache.length
+    slot = (lambda l: l) if cache is None else (lambda l: 0)  # where layer l's activations go
     K.upload(a["inputs"], inputs)
-    K.encoder_forward(a["encoded"], a["inputs"], p["wte"], p["wpe"])
+    K.encoder_forward(a["encoded"], a["inputs"], p["wte"], p["wpe"][pos:])  # positions pos..pos+T-1
     K.layernorm_forward(a["ln1"][0], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"], p["ln1w"][0], p["ln1b"][0])
     for l in range(L):
-        residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-        ln1, ln2, fch_gelu = layer(a["ln1"], l), layer(a["ln2"], l), layer(a["fch_gelu"], l)
+        s = slot(l)
+        residual = a["encoded"] if l == 0 else a["residual3"][slot(l - 1)]
+        ln1, ln2, fch_gelu = layer(a["ln1"], s), layer(a["ln2"], s), layer(a["fch_gelu"], s)
         # attention block
-        K.matmul_forward(a["qkv"][l], ln1, p["qkvw"][l], p["qkvb"][l])
-        K.attention_forward(a["atty"][l], a["att_lse"][l], a["qkv"][l])
-        K.matmul_forward(a["proj_out"], a["atty"][l], p["attprojw"][l], p["attprojb"][l])
-        K.fused_residual_forward(a["residual2"][l], ln2, a["ln2_mean"][l], a["ln2_rstd"][l],
+        K.matmul_forward(a["qkv"][s], ln1, p["qkvw"][l], p["qkvb"][l])
+        if cache is None:
+            K.attention_forward(a["atty"][s], a["att_lse"][s], a["qkv"][s])
+        else:
+            K.attention_forward_cached(a["atty"][s], cache.k[l], cache.v[l], a["qkv"][s], pos,
+                                       model.config.num_heads)
+        K.matmul_forward(a["proj_out"], a["atty"][s], p["attprojw"][l], p["attprojb"][l])
+        K.fused_residual_forward(a["residual2"][s], ln2, a["ln2_mean"][s], a["ln2_rstd"][s],
                                  residual, a["proj_out"], p["ln2w"][l], p["ln2b"][l])
         # MLP block
         if model.gelu_fusion >= 1:
-            K.matmul_forward(fch_gelu, ln2, p["fcw"][l], p["fcb"][l], pre_gelu=a["fch"][l])
+            K.matmul_forward(fch_gelu, ln2, p["fcw"][l], p["fcb"][l], pre_gelu=a["fch"][s])
         else:
-            K.matmul_forward(a["fch"][l], ln2, p["fcw"][l], p["fcb"][l])
-            K.gelu_forward(fch_gelu, a["fch"][l])
+            K.matmul_forward(a["fch"][s], ln2, p["fcw"][l], p["fcb"][l])
+            K.gelu_forward(fch_gelu, a["fch"][s])
         K.matmul_forward(a["proj_out"], fch_gelu, p["fcprojw"][l], p["fcprojb"][l])
         # the residual add is fused with the layernorm that follows it: the next layer's ln1, or lnf
         if l + 1 < L:
-            next_ln = (layer(a["ln1"], l + 1), a["ln1_mean"][l + 1], a["ln1_rstd"][l + 1], p["ln1w"][l + 1],
-                       p["ln1b"][l + 1])
+            n = slot(l + 1)
+            next_ln = (layer(a["ln1"], n), a["ln1_mean"][n], a["ln1_rstd"][n], p["ln1w"][l + 1], p["ln1b"][l + 1])
         else:
             next_ln = (a["lnf"], a["lnf_mean"], a["lnf_rstd"], p["lnfw"], p["lnfb"])
         normed, mean, rstd, weight, bias = next_ln
-        K.fused_residual_forward(a["residual3"][l], normed, mean, rstd, a["residual2"][l], a["proj_out"], weight, bias)
+        K.fused_residual_forward(a["residual3"][s], normed, mean, rstd, a["residual2"][s], a["proj_out"], weight, bias)
     K.matmul_forward(a["logits"], a["lnf"], p["wte"], None)  # the classifier shares wte
+    if cache is not None:
+        cache.length = pos + T
+    return a["logits"]
 
 
 # ----------------------------------------------------------------------------- backward
@@ -490,45 +505,6 @@ class KVCache:
         self.length = 0  # positions filled
 
 
-def forward_cached(model, cache, tokens):
-    """tokens (B,Tn) int32 on the host, at positions cache.length.. of their sequences, through the
-    model with the keys and values of the earlier positions taken from the cache and theirs added
-    to it -> logits (B,Tn,Vp) of the new positions. Nothing is kept for backward: every layer runs
-    in layer 0's activations."""
-    K, p, L, NH = model.K, model.p, model.config.num_layers, model.config.num_heads
-    B, Tn = tokens.shape
-    pos = cache.length
-    assert pos + Tn <= cache.k.shape[2], (pos, Tn, cache.k.shape)
-    a = model.acts(B, Tn)
-    ln1, ln2, fch, fch_gelu = a["ln1"][0], a["ln2"][0], a["fch"][0], a["fch_gelu"][0]
-    qkv, atty, residual2, residual3 = a["qkv"][0], a["atty"][0], a["residual2"][0], a["residual3"][0]
-    K.upload(a["inputs"], tokens)
-    K.encoder_forward(a["encoded"], a["inputs"], p["wte"], p["wpe"][pos:])  # positions pos..pos+Tn-1
-    K.layernorm_forward(ln1, a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"], p["ln1w"][0], p["ln1b"][0])
-    for l in range(L):
-        residual = a["encoded"] if l == 0 else residual3
-        K.matmul_forward(qkv, ln1, p["qkvw"][l], p["qkvb"][l])
-        K.attention_forward_cached(atty, cache.k[l], cache.v[l], qkv, pos, NH)
-        K.matmul_forward(a["proj_out"], atty, p["attprojw"][l], p["attprojb"][l])
-        K.fused_residual_forward(residual2, ln2, a["ln2_mean"][0], a["ln2_rstd"][0], residual, a["proj_out"],
-                                 p["ln2w"][l], p["ln2b"][l])
-        if model.gelu_fusion >= 1:
-            K.matmul_forward(fch_gelu, ln2, p["fcw"][l], p["fcb"][l], pre_gelu=fch)
-        else:
-            K.matmul_forward(fch, ln2, p["fcw"][l], p["fcb"][l])
-            K.gelu_forward(fch_gelu, fch)
-        K.matmul_forward(a["proj_out"], fch_gelu, p["fcprojw"][l], p["fcprojb"][l])
-        if l + 1 < L:
-            next_ln = (ln1, a["ln1_mean"][0], a["ln1_rstd"][0], p["ln1w"][l + 1], p["ln1b"][l + 1])
-        else:
-            next_ln = (a["lnf"], a["lnf_mean"], a["lnf_rstd"], p["lnfw"], p["lnfb"])
-        normed, mean, rstd, weight, bias = next_ln
-        K.fused_residual_forward(residual3, normed, mean, rstd, residual2, a["proj_out"], weight, bias)
-    K.matmul_forward(a["logits"], a["lnf"], p["wte"], None)
-    cache.length = pos + Tn
-    return a["logits"]
-
-
 def next_token(logits, rng, temperature, top_k):
     """A token id drawn from logits (V,) float64: argmax at temperature 0, otherwise from
     softmax(logits / temperature) over the top_k largest logits (0: all of them)."""
@@ -572,10 +548,9 @@ class Sampler:
             self.cache.length = 0
         for t in range(len(prompt), len(prompt) + num_new):
             if self.cached:  # the prompt at once, then the one token drawn last
-                logits = forward_cached(model, self.cache, tokens[:, self.cache.length:t])[0, -1, :V]
+                logits = forward(model, tokens[:, self.cache.length:t], self.cache)[0, -1, :V]
             else:
-                forward(model, tokens[:, :t])
-                logits = model.acts(1, t)["logits"][0, t - 1, :V]
+                logits = forward(model, tokens[:, :t])[0, t - 1, :V]
             tokens[0, t] = next_token(model.K.download(logits).astype(np.float64), rng, temperature, top_k)
             yield int(tokens[0, t])
 

@@ -60,8 +60,8 @@ def test_logits_with_the_kv_cache_equal_a_full_forward_at_every_position(model_f
     gpt.forward(model, tokens)
     full = model.a["logits"].copy()  # (1, T, Vp)
     cache = gpt.KVCache(model, 1, MAXT)
-    cached = [gpt.forward_cached(model, cache, tokens[:, :7]).copy()]  # a prompt, then one position at a time
-    cached += [gpt.forward_cached(model, cache, tokens[:, t:t + 1]).copy() for t in range(7, MAXT)]
+    cached = [gpt.forward(model, tokens[:, :7], cache).copy()]  # a prompt, then one position at a time
+    cached += [gpt.forward(model, tokens[:, t:t + 1], cache).copy() for t in range(7, MAXT)]
     cached = np.concatenate(cached, axis=1)
     assert cached.shape == full.shape
     assert np.abs(cached - full).max() <= 1e-5 * np.abs(full).max()
