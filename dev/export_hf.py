@@ -22,18 +22,14 @@ from cli import ArgumentParser, fail  # noqa: E402
 from fileformats import FormatError, atomic_write, param_shapes, read_model  # noqa: E402
 from prepro.gpt2_tokenizer import EOT, bpe_files  # noqa: E402
 from prepro.gpt2_weights import LAYER_TENSORS  # noqa: E402  (our tensor, its name under h.<l>., Conv1D?)
+from train_gpt2 import carve  # noqa: E402
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def hf_tensors(config, params, dtype):
     """transformers' state dict (without the tied lm_head) from our flat fp32 parameters."""
-    shapes = param_shapes(config)
-    p, offset = {}, 0
-    for name, shape in shapes.items():
-        n = int(np.prod(shape))
-        p[name] = params[offset:offset + n].reshape(shape)
-        offset += n
+    p = carve(params, param_shapes(config))
     tensors = {"transformer.wte.weight": p["wte"][:config.vocab_size], "transformer.wpe.weight": p["wpe"],
                "transformer.ln_f.weight": p["lnfw"], "transformer.ln_f.bias": p["lnfb"]}
     for ours, theirs, conv1d in LAYER_TENSORS:

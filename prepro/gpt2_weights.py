@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a file: the repository root on the path,
 import numpy as np
 
 from cli import ArgumentParser, fail
-from fileformats import PARAM_NAMES, GPT2Config, num_parameters, write_model
+from fileformats import PARAM_NAMES, GPT2Config, num_parameters, param_shapes, write_model
 
 HUB_REPOS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
@@ -96,18 +96,16 @@ def llmc_params(config, tensors, directory):
             raise ValueError(f"{directory}: {name} has shape {array.shape}, expected {shape} from config.json")
         return array.astype(np.float32)
 
+    shapes = param_shapes(config)
     wte = get("wte.weight", (V, C))
     if "lm_head.weight" in tensors and not np.array_equal(tensors["lm_head.weight"], tensors["wte.weight"]):
         raise ValueError(f"{directory}: lm_head.weight differs from wte.weight; llm.c's GPT-2 shares them")
-    parts = [np.concatenate([wte, np.zeros((Vp - V, C), np.float32)]), get("wpe.weight", (config.max_seq_len, C))]
-    shapes = {"ln_1": (C,), "ln_2": (C,), "attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C),
-              "mlp.c_proj": (4 * C, C)}
-    for _, hf_name, conv1d in LAYER_TENSORS:
-        module, kind = hf_name.rsplit(".", 1)
-        shape = shapes[module] if kind == "weight" else (shapes[module][-1],)
-        parts.append(np.stack([get(f"h.{l}.{hf_name}", shape).T if conv1d else get(f"h.{l}.{hf_name}", shape)
+    parts = [np.concatenate([wte, np.zeros((Vp - V, C), np.float32)]), get("wpe.weight", shapes["wpe"])]
+    for ours, hf_name, conv1d in LAYER_TENSORS:
+        shape = shapes[ours][1:]  # one layer's, (out, in) for matrices: Conv1D keeps them as (in, out)
+        parts.append(np.stack([get(f"h.{l}.{hf_name}", shape[::-1]).T if conv1d else get(f"h.{l}.{hf_name}", shape)
                                for l in range(L)]))
-    parts += [get("ln_f.weight", (C,)), get("ln_f.bias", (C,))]
+    parts += [get("ln_f.weight", shapes["lnfw"]), get("ln_f.bias", shapes["lnfb"])]
     params = np.concatenate([p.reshape(-1) for p in parts])
     assert params.size == num_parameters(config)
     return params
