@@ -563,6 +563,14 @@ def load_params(path):
     return config, stored.astype(np.float32)
 
 
+def load_or_init(descriptor):
+    """-e: (config, fp32 params) of a checkpoint .bin, or of a fresh GPT-2 for dN / gpt2:dN."""
+    if descriptor.endswith(".bin"):
+        return load_params(descriptor)
+    config = config_from_descriptor(descriptor)
+    return config, init_params(config)
+
+
 def save_model(model, path):
     """Version 3 (fp32) from fp32 parameters (the CPU), version 5 from bf16 ones (the GPU): either
     way the file holds the parameters bit for bit."""
@@ -794,11 +802,8 @@ def main(argv=None):
             config, params = load_params(model_path)
             lo, hi = optimizer_range(params.size, nproc, rank, args.z)
             state = read_state(state_path, hi - lo, nproc)
-        elif args.e.endswith(".bin"):
-            config, params = load_params(args.e)
         else:
-            config = config_from_descriptor(args.e)
-            params = init_params(config)
+            config, params = load_or_init(args.e)
         if T > config.max_seq_len:
             fail(f"-t {T}: above the model's maximum sequence length {config.max_seq_len}")
         if args.s and args.g > config.max_seq_len:

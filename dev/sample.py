@@ -44,17 +44,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def load(descriptor):
-    """(config, fp32 params) of a checkpoint, or of a fresh GPT-2 for dN."""
-    try:
-        if descriptor.endswith(".bin"):
-            return gpt.load_params(descriptor)
-        config = gpt.config_from_descriptor(descriptor)
-        return config, gpt.init_params(config)
-    except (FormatError, ValueError) as e:
-        fail(f"-e {descriptor}: {e}")
-
-
 def prompt_tokens(args, encoding, max_len):
     tokens = ([] if args.no_eot else [encoding.eot_token]) + encoding.encode(args.prompt, allowed_special="all")
     if not tokens:
@@ -91,7 +80,10 @@ def main(argv=None):
         fail(f"--top-k {args.top_k}: must not be negative (0: all tokens)")
     if args.e.endswith(".bin") and not os.path.exists(args.e):
         fail(f"-e {args.e}: no such file")
-    config, params = load(args.e)
+    try:
+        config, params = gpt.load_or_init(args.e)
+    except (FormatError, ValueError) as e:
+        fail(f"-e {args.e}: {e}")
     encoding = gpt2_encoding()
     if config.vocab_size != encoding.n_vocab:
         fail(f"-e {args.e}: vocabulary of {config.vocab_size} tokens, not GPT-2's {encoding.n_vocab}")
