@@ -9,6 +9,7 @@ crash never leaves a torn file under a real name.
 """
 import contextlib
 import dataclasses
+import json
 import math
 import os
 
@@ -54,6 +55,12 @@ def atomic_write(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def write_json(path, value):
+    """value as indented JSON, through atomic_write."""
+    with atomic_write(path) as f:
+        f.write((json.dumps(value, indent=2) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------

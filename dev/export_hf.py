@@ -8,7 +8,6 @@ matrices become Conv1D's (in, out), wte loses its padding rows, and the classifi
     python dev/export_hf.py -i log_gpt2/model_00010000.bin -o hf_gpt2
     lm_eval --model hf --model_args pretrained=hf_gpt2 --tasks hellaswag --batch_size 16
 """
-import json
 import os
 import shutil
 import sys
@@ -19,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli import ArgumentParser, fail  # noqa: E402
-from fileformats import FormatError, atomic_write, param_shapes, read_model  # noqa: E402
+from fileformats import FormatError, atomic_write, param_shapes, read_model, write_json  # noqa: E402
 from prepro.gpt2_tokenizer import EOT, bpe_files  # noqa: E402
 from prepro.gpt2_weights import LAYER_TENSORS  # noqa: E402  (our tensor, its name under h.<l>., Conv1D?)
 from train_gpt2 import carve  # noqa: E402
@@ -48,11 +47,6 @@ def hf_config(config, dtype):
         "tie_word_embeddings": True, "bos_token_id": EOT, "eos_token_id": EOT, "torch_dtype": dtype, "dtype": dtype,
         "use_cache": True,
     }
-
-
-def write_json(path, value):
-    with atomic_write(path) as f:
-        f.write(json.dumps(value, indent=2).encode() + b"\n")
 
 
 def export(config, params, out, dtype):

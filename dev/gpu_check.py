@@ -356,12 +356,6 @@ def summary(out, stages=STAGES):
 
 # ----------------------------------------------------------------------------- preflight and the run
 
-def write_json(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def distribution_name(wheel):
     return wheel.name.split("-")[0].replace("_", "-").lower()
 
@@ -465,6 +459,8 @@ def run(out, prep, stage_names, tests):
 def run_stages(out, stages, chosen, info, env, tests):
     """Each stage of `stages` named in `chosen`, in its slot, recorded in OUT/gpu_check.json (which
     keeps the other stages' records from earlier runs); then the summary of all of them."""
+    from fileformats import write_json  # needs NumPy: imported once the preflight found the GPU stack, so that
+    # a machine without it still gets the preflight's one line
     record_path = out / "gpu_check.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"stages": {}}
     record.update(run=datetime.now().isoformat(timespec="milliseconds"), preflight=info)

@@ -1,13 +1,12 @@
 """What every benchmark here leaves behind: a JSON record (device, commit, command, figures) in
 dev/bench/results/, written to a temporary name and renamed. The scripts put the repository on
 sys.path before importing this."""
-import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
-from fileformats import atomic_write
+from fileformats import write_json
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "dev/bench/results"
@@ -31,6 +30,5 @@ def tag(name):
 def write(directory, name, record):
     os.makedirs(directory, exist_ok=True)
     path = Path(directory) / name
-    with atomic_write(path) as f:
-        f.write((json.dumps(record, indent=2) + "\n").encode())
+    write_json(path, record)
     print(f"wrote {path}")
