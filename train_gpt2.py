@@ -591,10 +591,11 @@ def done_steps(run_dir):
 
 def save_checkpoint(run_dir, step, model, comm, state):
     """model_ (rank 0), state_ (one per rank) and DONE_ for this step. Every file is written in
-    full under a temporary name first; once every rank's are, each rank renames its own with
-    SIGINT/SIGTERM held back, and once every rank has, rank 0 writes DONE. So a run stopped at any
-    moment leaves either the whole checkpoint or no DONE for it (only SIGKILL or a power cut can
-    land between two renames: the next run's clean_run_dir removes files whose DONE never came)."""
+    full under a temporary name first; once every rank's are, each rank renames its own and,
+    once every rank has, rank 0 writes DONE, all with SIGINT/SIGTERM held back. So a run stopped
+    by a signal leaves either the whole checkpoint or only .partial files; only SIGKILL or a power
+    cut can land between a rename and DONE, and the next run's clean_run_dir removes files whose
+    DONE never came."""
     model_path, state_path, done_path = checkpoint_paths(run_dir, step, comm.rank)
     renames = [(state_path + ".partial", state_path)]
     if comm.rank == 0:
@@ -605,10 +606,10 @@ def save_checkpoint(run_dir, step, model, comm, state):
     with signals_held():
         for partial, path in renames:
             os.replace(partial, path)
-    comm.barrier()
-    if comm.rank == 0:
-        with signals_held(), atomic_write(done_path):
-            pass
+        comm.barrier()
+        if comm.rank == 0:
+            with atomic_write(done_path):
+                pass
 
 
 @contextlib.contextmanager
