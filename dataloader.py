@@ -38,8 +38,12 @@ class DataLoader:
         self.B, self.T, self.rank, self.num_processes, self.shuffle = B, T, rank, num_processes, shuffle
         self._stride = num_processes * B * T  # tokens between one sample's start and the next's
 
-        # every shard is checked now, so a bad one fails before training rather than hours into it
-        self._tokens = [self._open_shard(path, vocab_size) for path in self.files]
+        # every header and length is checked now; token values, a whole read of the shard, only in the
+        # first file now (a wrong tokenizer shows in every shard) and in each other on its first use, so a
+        # 100B-token run does not read 200 GB before its first step
+        self._tokens = [self._open_shard(path) for path in self.files]
+        self._vocab_size, self._unchecked = vocab_size, set(range(len(self.files)))
+        self._check_tokens(0)
         self._num_samples = [(len(tokens) - 1) // self._stride for tokens in self._tokens]
         self.num_tokens = sum(len(tokens) for tokens in self._tokens)
         self.num_batches = sum(self._num_samples)
@@ -49,16 +53,22 @@ class DataLoader:
         self._seed = SHUFFLE_SEED + rank
         self.reset()
 
-    def _open_shard(self, path, vocab_size):
+    def _open_shard(self, path):
         tokens = read_shard(path)
         needed = self._stride + 1
         if len(tokens) < needed:
             raise FormatError(path, f"holds {len(tokens)} tokens, fewer than one batch needs "
                                     f"(B*T*processes + 1 = {needed})")
-        if int(tokens.max()) >= vocab_size:
-            i = int(np.argmax(tokens >= vocab_size))  # the first offender, the one to look for in the data
-            raise FormatError(path, f"token {tokens[i]} at position {i} is not below the vocab size {vocab_size}")
         return tokens
+
+    def _check_tokens(self, shard):
+        if shard in self._unchecked:
+            tokens, vocab_size = self._tokens[shard], self._vocab_size
+            if int(tokens.max()) >= vocab_size:
+                i = int(np.argmax(tokens >= vocab_size))  # the first offender, the one to look for in the data
+                raise FormatError(self.files[shard], f"token {tokens[i]} at position {i} is not below the "
+                                                     f"vocab size {vocab_size}")
+            self._unchecked.remove(shard)
 
     def reset(self):
         self.epoch, self.shard_index, self.sample_index = 0, 0, 0
@@ -88,6 +98,7 @@ class DataLoader:
                 self._shuffle(self._shard_order, self._rng)
             self._sample_order = self._new_sample_order(self._shard_order[self.shard_index], self._rng)
         shard = self._shard_order[self.shard_index]
+        self._check_tokens(shard)
         sample = self._sample_order[self.sample_index]
         self.sample_index += 1
 

@@ -969,3 +969,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # checkpoints are whole or absent: the newest DONE is where -y 1 goes on
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except FormatError as e:  # a train shard's tokens are checked on its first use, which can be mid-run
+        fail(str(e))

@@ -281,21 +281,29 @@ def test_a_shard_shorter_than_one_batch_is_a_format_error(tmp_path, P):
                                      f"needs (B*T*processes + 1 = {needed})")
 
 
-def test_a_token_outside_the_vocab_is_a_format_error(tmp_path):
+@pytest.mark.parametrize("bad", [0, 2])
+def test_a_token_outside_the_vocab_is_a_format_error(tmp_path, bad):
+    """In the first file, when the loader is made; in any other, on the first batch from that shard
+    (shards 0 and 1 hold 6 and 4 batches, unshuffled), so that a start never reads every shard."""
     pattern, shards = write_shards(tmp_path)
-    path = tmp_path / "shard_02.bin"
-    tokens = shards[2].copy()
+    path = tmp_path / f"shard_{bad:02d}.bin"
+    tokens = shards[bad].copy()
     tokens[17], tokens[30] = VOCAB - 1, VOCAB  # the largest legal token, then the smallest illegal one
-    for later in ([], [44, 50]):  # larger offenders later on: the message still points at the first
+    for later in ([], [33, 35]):  # larger offenders later on: the message still points at the first
         tokens[later] = VOCAB + 5
         ff.write_shard(path, tokens)
         with pytest.raises(FormatError) as info:
-            DataLoader(pattern, B, T, VOCAB)
+            loader = DataLoader(pattern, B, T, VOCAB, shuffle=False)
+            assert bad > 0, "the first file is checked when the loader is made"
+            take(loader, 10)  # shards 0 and 1, which are good
+            loader.next_batch()
         assert assert_one_line(info) == f"{path}: token {VOCAB} at position 30 is not below the vocab size {VOCAB}"
 
-    tokens[[30, 44, 50]] = VOCAB - 1
+    tokens[[30, 33, 35]] = VOCAB - 1
     ff.write_shard(path, tokens)
-    assert DataLoader(pattern, B, T, VOCAB).num_tokens == sum(LENGTHS)
+    loader = DataLoader(pattern, B, T, VOCAB)
+    take(loader, loader.num_batches + 1)
+    assert loader.epoch == 1
 
 
 @pytest.mark.parametrize("position, names", [

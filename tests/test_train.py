@@ -15,7 +15,7 @@ import torch
 
 import train_gpt2 as gpt
 from kernels import cuda_unavailable
-from fileformats import HellaSwagExample, read_model, read_shard, read_state, write_hellaswag
+from fileformats import HellaSwagExample, read_model, read_shard, read_state, write_hellaswag, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "dev"))
@@ -387,3 +387,21 @@ def test_a_small_model_learns_tiny_shakespeare_beyond_token_frequencies():
     frequencies = (np.bincount(train, minlength=50257) + 0.01) / (train.size + 0.01 * 50257)
     unigram_loss = float(-np.log(frequencies[val_tokens[1:]]).mean())  # the targets of the 16 val batches
     assert val[-1] < 6.5 and val[-1] < unigram_loss, (val, unigram_loss)
+
+
+def test_a_bad_token_in_a_later_shard_ends_the_run_in_one_line(data, tmp_path):
+    """Only the first train file's tokens are read at start; another's are checked when its turn
+    comes, mid-run, and a bad one there is the same one line and exit 1, not a traceback. Three
+    shards, which llm.c's seed-42 shuffle visits last file first: train_000003, then the bad one."""
+    first, second = sorted(Path(data[1]).parent.glob("train_*.bin"))
+    tokens = np.array(read_shard(second))
+    tokens[5] = 50257
+    write_shard(tmp_path / second.name, tokens)
+    os.symlink(first, tmp_path / first.name)
+    os.symlink(first, tmp_path / "train_000003.bin")
+    result = run(*TINY, "-i", str(tmp_path / "train_*.bin"), "-j", data[3], "-x", "100", "-v", "0", "-s", "0",
+                 cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {tmp_path / second.name}: token 50257 at position 5 is not below the " \
+                                    f"vocab size 50257", result.stderr
+    assert re.search(r"^step +46/100 ", result.stdout, re.M)  # all of train_000003 had been trained on
