@@ -15,3 +15,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(f"{message} (see --help)")
+
+
+def run(main):
+    """Call main(), turning what the machine refuses into one line as well: a path that cannot be read
+    or written (missing, read-only, a directory where a file belongs, a full disk) names the path;
+    memory that cannot be had says how much."""
+    try:
+        main()
+    except OSError as e:
+        path = e.filename2 or e.filename  # a rename's target, not the temporary name it came from
+        fail(f"{path}: {e.strerror}" if path is not None and e.strerror else str(e))
+    except MemoryError as e:
+        fail(f"out of memory: {e}" if str(e) else "out of memory")

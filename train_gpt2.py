@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, fail, run
 from dataloader import DataLoader, mt19937
 from fileformats import (FormatError, GPT2Config, OptimizerState, atomic_write, num_parameters, param_shapes,
                          read_hellaswag, read_model, read_state, read_tokenizer, write_model, write_state)
@@ -965,7 +965,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main()
+        run(main)
     except KeyboardInterrupt:  # checkpoints are whole or absent: the newest DONE is where -y 1 goes on
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cli import ArgumentParser, fail  # noqa: E402
+from cli import ArgumentParser, fail, run  # noqa: E402
 from fileformats import FormatError, atomic_write, param_shapes, read_model, write_json  # noqa: E402
 from prepro.gpt2_tokenizer import EOT, bpe_files  # noqa: E402
 from prepro.gpt2_weights import LAYER_TENSORS  # noqa: E402  (our tensor, its name under h.<l>., Conv1D?)
@@ -93,4 +93,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

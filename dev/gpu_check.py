@@ -40,7 +40,7 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
-from cli import ArgumentParser, fail  # noqa: E402
+from cli import ArgumentParser, fail, run  # noqa: E402
 
 # What a machine may lack for the run, as pip requirements: nvmath-python (requirements-gpu.txt's
 # pin), the versions of cuda-core and cuda-pathfinder that its import asks for, and the per-test
@@ -558,4 +558,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

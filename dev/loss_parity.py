@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "dev"), str(REPO / "dev/bench")]
 import records  # noqa: E402
-from cli import ArgumentParser, fail  # noqa: E402
+from cli import ArgumentParser, fail, run  # noqa: E402
 from plot_logs import plot, read_log  # noqa: E402
 from train_gpt2 import TRAIN_DATA, VAL_DATA  # noqa: E402
 
@@ -131,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cli import ArgumentParser, fail  # noqa: E402
+from cli import ArgumentParser, fail, run  # noqa: E402
 
 LINE = re.compile(r"s:(\d+) (trl|tel|eval):(\S+)")
 # OpenAI's GPT-2 checkpoints, as llm.c's dev/vislog.ipynb lists them: val loss on llm.c's FineWeb val
@@ -131,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "dev/bench")]
 import records  # noqa: E402
 import train_gpt2 as gpt  # noqa: E402
-from cli import ArgumentParser, fail  # noqa: E402
+from cli import ArgumentParser, fail, run  # noqa: E402
 from fileformats import FormatError  # noqa: E402
 from prepro.gpt2_tokenizer import gpt2_encoding  # noqa: E402
 
@@ -117,4 +117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llmc_thresholds as bars  # noqa: E402
 import train_gpt2 as gpt  # noqa: E402
-from cli import ArgumentParser, fail  # noqa: E402
+from cli import ArgumentParser, fail, run  # noqa: E402
 from fileformats import FormatError, num_parameters, param_shapes, read_debug_state  # noqa: E402
 
 
@@ -130,4 +130,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -279,7 +279,7 @@ def adamw_losses(model, x, y, steps, lr, weight_decay):
 
 
 def _fail(message):
-    print(f"torch_gpt2.py: error: {message}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "dev")]
-from cli import ArgumentParser, fail  # noqa: E402
+from cli import ArgumentParser, fail, run  # noqa: E402
 from dataloader import DataLoader  # noqa: E402
 from fileformats import FormatError  # noqa: E402
 from torch_gpt2 import GPT2, Config, init_llmc, llmc_adamw  # noqa: E402
@@ -176,4 +176,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, fail, run
 from fileformats import FormatError, read_shard, write_shard
 from prepro.common import SourceError, jsonl_records, load_encoding, one_line, ordered_map
 from prepro.gpt2_tokenizer import EOT
@@ -288,4 +288,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -20,7 +20,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer split pattern
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, fail, run
 from fileformats import write_tokenizer
 
 EOT = 50256  # <|endoftext|>, the last of GPT-2's 50257 tokens
@@ -66,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

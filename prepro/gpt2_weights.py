@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a file: the repository root on the path,
 
 import numpy as np
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, fail, run
 from fileformats import PARAM_NAMES, GPT2Config, num_parameters, param_shapes, write_model
 
 HUB_REPOS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -149,4 +149,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a file: the repository root on the path,
 
 from pathlib import Path
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, fail, run
 from fileformats import HellaSwagExample, write_hellaswag
 from prepro.common import SourceError, jsonl_records, load_encoding, local_copy
 
@@ -67,4 +67,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, fail, run
 from fileformats import FormatError, atomic_write, read_shard, read_tokenizer, write_shard
 from prepro.common import download, load_encoding
 from prepro.gpt2_tokenizer import EOT, export_tokenizer
@@ -148,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, fail, run
 from fileformats import write_shard
 from prepro.common import load_encoding, local_copy, ordered_map
 from prepro.gpt2_tokenizer import EOT
@@ -106,4 +106,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -71,3 +71,14 @@ def test_runs_as_a_file_and_as_a_module_from_the_root(checkout, inputs, tmp_path
     files = written(outs["file"])
     assert files and files == written(outs["module"])
     assert all(filecmp.cmp(outs["file"] / f, outs["module"] / f, shallow=False) for f in files)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_output_path_under_a_plain_file_is_one_line(checkout, inputs, tmp_path, script):
+    """What the filesystem refuses (here: -o below a regular file) is one line naming the path, exit 1."""
+    (tmp_path / "plain").write_text("not a folder")
+    result = subprocess.run([sys.executable, f"prepro/{script}.py", *inputs[script](tmp_path / "plain" / "out")],
+                            cwd=checkout, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {tmp_path / 'plain'}") and lines[0].endswith(": Not a directory"), lines[0]

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "dev/bench")]
 
 import records  # noqa: E402
+from cli import run  # noqa: E402
 from dataloader import DataLoader  # noqa: E402
 from fileformats import write_shard  # noqa: E402
 from prepro import fineweb  # noqa: E402
@@ -155,4 +156,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

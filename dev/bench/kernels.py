@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO)]
 import records  # noqa: E402
-from cli import ArgumentParser, fail  # noqa: E402
+from cli import ArgumentParser, fail, run  # noqa: E402
 
 C, NH = 768, 12                  # GPT-2 124M
 HS = C // NH
@@ -309,4 +309,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -31,7 +31,7 @@ sys.path[:0] = [str(REPO), str(REPO / "dev")]
 import records  # noqa: E402
 import torch_gpt2  # noqa: E402
 import train_gpt2 as gpt  # noqa: E402
-from cli import ArgumentParser, fail  # noqa: E402
+from cli import ArgumentParser, fail, run  # noqa: E402
 from kernels import reference  # noqa: E402
 
 LR, WEIGHT_DECAY = 3e-4, 0.1  # any values time alike; constant, so every step does the same work
@@ -249,4 +249,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
