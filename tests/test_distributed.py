@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import train_gpt2 as gpt
-from fileformats import GPT2Config, num_parameters, param_shapes, read_model, read_state
+import distributed
+from fileformats import GPT2Config, num_parameters, param_shapes, read_model, read_state, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 # 1 layer, C=64; -a 1 trains every step on the first 256 tokens, so every world size sees the same
@@ -398,6 +399,7 @@ def test_bad_multiprocess_input_is_one_line_and_writes_nothing(data, tmp_path):
         (["-pn", "2", "-pr", "0", "-pi", "fs", "-pf", str(tmp_path / "missing")],
          "not a writable directory"),
         (["-pn", "2", "-pr", "0", "-pi", "tcp"], "-pi tcp: give rank 0's address as -ps HOST[:PORT]"),
+        (["-pn", "0"], "-pn 0: the number of processes must be at least 1"),
     ]
     for args, message in cases:
         result = train(*base, *args, "-o", "out", cwd=tmp_path, check=False)
@@ -422,3 +424,127 @@ def test_zero1_on_one_process_is_accepted_and_said_to_do_nothing(data, tmp_path)
     result = train("-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-x", "1", "-v", "0", "--device", "cpu", "-z", "1",
                    *data, cwd=tmp_path)
     assert "-z 1 with one process: there is nothing to shard, so ZeRO-1 changes nothing" in result.stdout
+
+
+@pytest.mark.parametrize("pn, pr, pg, message", [
+    (0, None, 8, "-pn 0: the number of processes must be at least 1"),
+    (-1, None, 8, "-pn -1: the number of processes must be at least 1"),
+    (None, 1, 8, "-pr 1 needs -pn: give the number of processes as well (-pn N -pr 1, with N > 1)"),
+    (None, -1, 8, "-pr -1: need 0 <= rank < processes"),
+    (2, 2, 8, "-pr 2 -pn 2: need 0 <= rank < processes"),
+    (2, 1, 0, "-pg 0: GPUs per node must be at least 1"),
+])
+def test_process_flags_no_run_can_have_are_one_line_naming_what_is_wrong(pn, pr, pg, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        distributed.identify(pn, pr, pg)
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+# ----------------------------------------------------------------------------- the built-in launcher's faults
+
+def launch(tmp_path, rank_code, world_size, device="auto", env=None, cores=None):
+    """distributed.launch starting world_size ranks of rank_code (Python; its rank is in RANK, its
+    directory is tmp_path) from a launcher process of its own, pinned to `cores` CPU cores if given.
+    Returns the launcher's result and how long it ran."""
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(rank_code))
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import distributed; "
+            f"sys.exit(distributed.launch({str(script)!r}, [], {world_size}, device={device!r}))")
+    pin = (lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])) if cores else None
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env or clean_env(), capture_output=True,
+                            text=True, timeout=180, preexec_fn=pin)
+    return result, time.monotonic() - start
+
+
+def test_every_rank_failing_on_the_same_input_is_one_line_when_rank_0_is_not_first(tmp_path):
+    """Rank 0 says its error first but is slow to exit, and ranks 1 and 2 exit first with the same
+    line: the launcher used to add "error: rank 1 of 3 exited with status 1: <the same line>"."""
+    result, _ = launch(tmp_path, """
+        import os, sys, time
+        rank = int(os.environ["RANK"])
+        time.sleep(0.5 if rank == 0 else 1.5)
+        print("error: -j val.bin: too few tokens", file=sys.stderr, flush=True)
+        if rank == 0:
+            time.sleep(2)
+        sys.exit(1)
+    """, 3)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: -j val.bin: too few tokens"]
+
+
+def test_a_val_shard_too_small_for_every_rank_is_one_line(data, tmp_path):
+    """The race above, as a user meets it: every rank rejects the val shard, in whatever order (the
+    old launcher printed two lines in about a third of the runs)."""
+    write_shard(tmp_path / "val300.bin", np.arange(300) % 1000)
+    for attempt in range(5):
+        result = train("-e", "d1", "-b", "2", "-t", "64", "--device", "cpu", "-x", "3", "-pn", "3", "-i", data[1],
+                       "-j", str(tmp_path / "val300.bin"), cwd=tmp_path, check=False, timeout=120)
+        assert result.returncode == 1
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "val300.bin" in lines[0], result.stderr
+
+
+def test_a_rank_that_dies_is_reported_and_not_rank_0s_error_that_follows(tmp_path):
+    """Rank 1 is killed; rank 0 then fails in a collective whose peer went away. The one line is
+    the cause, rank 1's death, not rank 0's consequence."""
+    result, seconds = launch(tmp_path, """
+        import os, signal, sys, time
+        from pathlib import Path
+        if os.environ["RANK"] == "1":
+            Path("rank_1_dies").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        while not Path("rank_1_dies").exists():
+            time.sleep(0.01)
+        time.sleep(0.5)
+        sys.exit("error: rank 0: all_reduce failed, so another rank has stopped (Connection closed by peer)")
+    """, 2)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: rank 1 of 2 was killed by SIGKILL"]
+    assert seconds < 30
+
+
+def test_a_rank_failing_while_the_others_start_stops_the_launcher_starting_them(tmp_path):
+    """-pn 1000 with a bad input used to start all 1000 ranks before looking at any of them."""
+    result, seconds = launch(tmp_path, """
+        import os, sys, time
+        from pathlib import Path
+        rank = int(os.environ["RANK"])
+        if rank == 0:
+            sys.exit("error: bad input")
+        Path(f"started_{rank}").write_text(str(os.getpid()))
+        time.sleep(300)
+    """, 200)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: bad input"]
+    started = list(tmp_path.glob("started_*"))
+    assert len(started) < 100  # the old launcher started all 200
+    assert seconds < 60
+    for path in started:  # no orphan
+        status = Path(f"/proc/{path.read_text()}/status")
+        assert not status.exists() or "zombie" in status.read_text()
+
+
+def test_the_launcher_says_when_it_starts_more_ranks_than_cores_and_starts_them(tmp_path):
+    over, _ = launch(tmp_path, "", 2, cores=1)
+    assert over.returncode == 0 and over.stderr == ""
+    assert "launcher: 2 ranks on 1 CPU core(s): they share them, so expect it to be slow" in over.stdout
+    fits, _ = launch(tmp_path, "", 1, cores=1)
+    assert fits.returncode == 0 and "launcher:" not in fits.stdout
+
+
+@pytest.mark.parametrize("visible, shown", [("0", 1), ("", 0), ("-1", 0), ("0,-1,1", 1)])
+def test_the_launcher_refuses_more_cuda_ranks_than_the_node_shows_gpus(tmp_path, visible, shown):
+    """CUDA_VISIBLE_DEVICES says how many GPUs the ranks would see (CUDA stops at an entry like -1);
+    the launcher refuses before it starts a rank, without touching CUDA itself."""
+    rank = "from pathlib import Path; Path('started').touch()"
+    refused, _ = launch(tmp_path, rank, shown + 1, device="cuda", env=clean_env(CUDA_VISIBLE_DEVICES=visible))
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"error: -pn {shown + 1}: this node shows {shown} GPU(s) and each rank needs one of its own: give at most "
+        f"-pn {shown} here, or start the ranks on several nodes (torchrun, srun, mpirun)"]
+    assert not (tmp_path / "started").exists()
+    if shown:
+        accepted, _ = launch(tmp_path, rank, shown, device="cuda", env=clean_env(CUDA_VISIBLE_DEVICES=visible))
+        assert accepted.returncode == 0 and (tmp_path / "started").exists()
