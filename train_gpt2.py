@@ -47,6 +47,9 @@ GRAD_CLIP = 1.0
 DECAYED = ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw")  # weight decay on 2-D weights only
 OUTLIER_WINDOW = 128  # the loss and grad-norm z-scores look this many steps back
 
+DEFAULT_MODEL = "d12"  # -e: GPT-2 124M
+SAMPLE_TOKENS = 64     # -g, when B*T and the model's maximum sequence length allow
+
 TRAIN_DATA = "data/tinyshakespeare/tiny_shakespeare_train.bin"  # written by python -m prepro.tinyshakespeare
 VAL_DATA = "data/tinyshakespeare/tiny_shakespeare_val.bin"
 TOKENIZER = "data/gpt2_tokenizer.bin"                           # decodes the samples
@@ -507,7 +510,11 @@ class KVCache:
 
 def next_token(logits, rng, temperature, top_k):
     """A token id drawn from logits (V,) float64: argmax at temperature 0, otherwise from
-    softmax(logits / temperature) over the top_k largest logits (0: all of them)."""
+    softmax(logits / temperature) over the top_k largest logits (0: all of them). Logits that are
+    not finite (a diverged model) are a ValueError: no token can be drawn from them."""
+    if not np.isfinite(logits).all():
+        raise ValueError(f"the model's logits are not finite ({'nan' if np.isnan(logits).any() else 'inf'}): "
+                         f"it diverged")
     if temperature == 0:
         return int(np.argmax(logits))
     candidates = np.arange(logits.size)
@@ -557,6 +564,22 @@ class Sampler:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def read_optimizer_state(path, num_params, nproc, rank, zero_stage):
+    """This rank's state file of a checkpoint, for -z zero_stage. With several processes -z 0 and
+    -z 1 keep different shares of the AdamW state, and the file's size is all that tells them
+    apart: one that fits the other stage's share names -z."""
+    shares = [hi - lo for lo, hi in (optimizer_range(num_params, nproc, rank, z) for z in (0, 1))]
+    try:
+        return read_state(path, shares[zero_stage], nproc)
+    except FormatError as e:
+        error = e
+    if shares[0] != shares[1]:
+        with contextlib.suppress(FormatError):
+            read_state(path, shares[1 - zero_stage], nproc)
+            error = FormatError(path, f"written by a -z {1 - zero_stage} run: resume with -z {1 - zero_stage}")
+    raise error
+
+
 def load_params(path):
     """A model checkpoint (version 3 fp32 or 5 bf16) as (config, fp32 params)."""
     config, stored = read_model(path)
@@ -567,7 +590,11 @@ def load_or_init(descriptor):
     """-e: (config, fp32 params) of a checkpoint .bin, or of a fresh GPT-2 for dN / gpt2:dN."""
     if descriptor.endswith(".bin"):
         return load_params(descriptor)
-    config = config_from_descriptor(descriptor)
+    try:
+        config = config_from_descriptor(descriptor)
+    except ValueError:
+        raise ValueError(f"model '{descriptor}' is neither a .bin checkpoint nor dN / gpt2:dN: give -e a model "
+                         f"file, or e.g. d12 for GPT-2 124M") from None
     return config, init_params(config)
 
 
@@ -677,8 +704,9 @@ def parse_args(argv):
     add("--help", action="help", help="show this help and exit")
     add("-i", default=TRAIN_DATA, help="train data: a shard path or glob (default: %(default)s)")
     add("-j", default=VAL_DATA, help="val data: a shard path or glob (default: %(default)s)")
-    add("-e", default="d12", help="model: a checkpoint .bin (version 3 or 5), or dN / gpt2:dN for a fresh GPT-2 "
-                                  "of depth N; d12 is the 124M model (default: %(default)s)")
+    add("-e", default=None, help="model: a checkpoint .bin (version 3 or 5), or dN / gpt2:dN for a fresh GPT-2 "
+                                 f"of depth N; d12 is the 124M model (default: {DEFAULT_MODEL}; unused by -y 1 "
+                                 "when a checkpoint is there)")
     add("-o", default=None, help="run directory for main.log and checkpoints (default: none)")
     add("-n", type=int, default=0, help="checkpoint every n steps, and at the end (0: never)")
     add("-nk", type=int, default=0, help="keep only the last k checkpoints (0: keep all)")
@@ -699,7 +727,8 @@ def parse_args(argv):
     add("-v", type=int, default=20, help="val loss every v steps, and at the end (0: never)")
     add("-m", type=int, default=20, help="val batches per val loss (-1: the whole val split)")
     add("-s", type=int, default=20, help="sample from the model every s steps, and at the end (0: never)")
-    add("-g", type=int, default=64, help="tokens per sample, the first being EOT (default: %(default)s)")
+    add("-g", type=int, default=None, help=f"tokens per sample, the first being EOT (default: {SAMPLE_TOKENS}, "
+                                           "or fewer where B*T or the model's maximum sequence length is smaller)")
     add("-h", type=int, default=0, choices=(0, 1), help=f"1: HellaSwag accuracy with the val loss ({HELLASWAG})")
     add("-a", type=int, default=0, choices=(0, 1), help="1: overfit the first batch (no shuffling)")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cuda: the CUDA kernels (bf16), cpu: "
@@ -726,11 +755,12 @@ def parse_args(argv):
 
 def check_args(args):
     """Every value and combination the flags alone can get wrong, before a file is touched."""
-    rules = [
+    floats = {"-l": args.l, "-q": args.q, "-c": args.c, "-sl": args.sl, "-sg": args.sg,
+              "--rendezvous-timeout": args.rendezvous_timeout}
+    max_sample = min(GPT2_MAX_SEQ_LEN, args.b * args.t)
+    rules = [(math.isfinite(value), f"{flag} {value}: must be a finite number") for flag, value in floats.items()] + [
         (args.b > 0, f"-b {args.b}: the micro-batch size must be positive"),
         (args.t > 0, f"-t {args.t}: the sequence length must be positive"),
-        ((args.pn or 1) > 0 and 0 <= (args.pr or 0) < (args.pn or 1) and args.pg > 0,
-         f"-pn {args.pn} -pr {args.pr} -pg {args.pg}: need 0 <= rank < processes, and GPUs per node > 0"),
         (args.rendezvous_timeout > 0, f"--rendezvous-timeout {args.rendezvous_timeout:g}: must be positive"),
         (args.x == -1 or args.x > 0, f"-x {args.x}: steps must be positive, or -1 for one epoch"),
         (args.l >= 0 and args.c >= 0 and args.u >= 0, f"-l {args.l} -c {args.c} -u {args.u}: must not be negative"),
@@ -738,9 +768,12 @@ def check_args(args):
         (args.sl >= 0 and args.sg >= 0, f"-sl {args.sl} -sg {args.sg}: z-score thresholds must not be negative"),
         (min(args.v, args.s, args.n, args.nk, args.nm) >= 0, "-v, -s, -n, -nk and -nm must not be negative"),
         (args.m == -1 or args.m > 0, f"-m {args.m}: val batches must be positive, or -1 for the whole split"),
-        (args.s == 0 or 1 < args.g <= min(GPT2_MAX_SEQ_LEN, args.b * args.t),
-         f"-g {args.g}: tokens to sample must be in 2..{min(GPT2_MAX_SEQ_LEN, args.b * args.t)} (min(1024, B*T))"),
+        (args.s == 0 or args.g is None or 1 < args.g <= max_sample,
+         f"-g {args.g}: tokens to sample must be in 2..{max_sample} (min(1024, B*T))"),
+        (args.s == 0 or max_sample > 1, f"-s {args.s}: a sample needs 2 tokens, and B*T is 1: raise -b or -t, "
+                                        f"or give -s 0"),
         (args.o is not None or (args.n == 0 and args.y == 0), "-n and -y 1 need a run directory: give -o DIR"),
+        (args.o != "", "-o '': give a run directory's path, or leave -o out to write nothing"),
     ]
     for ok, message in rules:
         if not ok:
@@ -758,7 +791,7 @@ def select_backend(device, local_rank=0):
         import cupy
         if local_rank >= cupy.cuda.runtime.getDeviceCount():
             fail(f"local rank {local_rank} has no GPU: this node has {cupy.cuda.runtime.getDeviceCount()}; "
-                 f"start at most that many processes per node (-pg)")
+                 f"start at most that many processes per node (a smaller -pn, or -pg with -pr)")
         cupy.cuda.Device(local_rank).use()  # before kernels.cuda loads its modules on the current device
         try:
             from kernels import cuda
@@ -780,7 +813,7 @@ def main(argv=None):
     if args.d != -1 and (args.d <= 0 or args.d % (B * T * nproc)):
         fail(f"-d {args.d}: the total batch must be a multiple of B*T*processes = {B * T * nproc}")
     if process is None:  # -pn N, and nothing gave this process a rank: it starts the N ranks itself
-        sys.exit(distributed.launch(os.path.abspath(__file__), argv, nproc))
+        sys.exit(distributed.launch(os.path.abspath(__file__), argv, nproc, args.device))
     rank = process.rank
     if rank != 0:  # rank 0 prints and logs for all; every rank's errors still reach stderr
         sys.stdout = open(os.devnull, "w")
@@ -789,6 +822,8 @@ def main(argv=None):
 
     # everything that reads a file, before anything is written
     resume_step = None
+    if args.o is not None and os.path.exists(args.o) and not os.path.isdir(args.o):
+        fail(f"-o {args.o}: is a file, not a directory")
     if args.o is not None and os.path.isdir(args.o):
         if rank == 0:
             clean_run_dir(args.o)
@@ -797,30 +832,44 @@ def main(argv=None):
             fail(f"-o {args.o} already holds checkpoints (up to step {steps[-1]}): resume with -y 1, "
                  f"or give another run directory")
         resume_step = steps[-1] if steps and args.y else None
+    if resume_step is not None:  # before any rank looks for its own state file, which another count may lack
+        written_by = len(glob.glob(os.path.join(glob.escape(args.o), f"state_{resume_step:08d}_*.bin")))
+        if written_by != nproc:
+            fail(f"-o {args.o}: the checkpoint at step {resume_step} was written by a run of {written_by} process(es), "
+                 f"and this one has {nproc}: resume with the same number (-pn {written_by})")
     try:
         if resume_step is not None:
             model_path, state_path, _ = checkpoint_paths(args.o, resume_step, rank)
             config, params = load_params(model_path)
-            lo, hi = optimizer_range(params.size, nproc, rank, args.z)
-            state = read_state(state_path, hi - lo, nproc)
+            state = read_optimizer_state(state_path, params.size, nproc, rank, args.z)
         else:
-            config, params = load_or_init(args.e)
+            config, params = load_or_init(DEFAULT_MODEL if args.e is None else args.e)
         if T > config.max_seq_len:
             fail(f"-t {T}: above the model's maximum sequence length {config.max_seq_len}")
-        if args.s and args.g > config.max_seq_len:
+        if args.s and args.g is not None and args.g > config.max_seq_len:
             fail(f"-g {args.g}: more tokens to sample than the model's maximum sequence length {config.max_seq_len}: "
                  f"lower -g")
+        sample_tokens = args.g if args.g is not None else min(SAMPLE_TOKENS, B * T, config.max_seq_len)
         train_loader = DataLoader(args.i, B, T, config.vocab_size, rank, nproc, shuffle=not args.a)
         val_loader = DataLoader(args.j, B, T, config.vocab_size, rank, nproc) if args.v else None
         hellaswag = read_hellaswag(HELLASWAG) if args.h else None
         tokenizer = read_tokenizer(TOKENIZER)[0] if args.s and os.path.exists(TOKENIZER) else None
     except (FormatError, ValueError) as e:
         fail(str(e))
+    if resume_step is not None:
+        try:
+            train_loader.restore(state.epoch, state.shard_index, state.sample_index)
+        except ValueError as e:
+            fail(f"{state_path}: {e}: the checkpoint's data position does not fit this run's -i, -b, -t and -pn; "
+                 f"resume with the run's original ones")
     if hellaswag and 4 * (max(len(ex.context) + max(map(len, ex.endings)) for ex in hellaswag) - 1) > B * T:
         fail(f"-h 1: the longest HellaSwag example does not fit in B*T = {B * T} tokens: raise -b or -t")
     num_steps = args.x if args.x != -1 else train_loader.num_tokens // tokens_per_step
     if num_steps == 0:
         fail(f"-i {args.i}: {train_loader.num_tokens} tokens, less than one step of {tokens_per_step}: set -x")
+    if resume_step is not None and resume_step > num_steps:
+        fail(f"-x {args.x}: nothing to train: the newest checkpoint in {args.o} is at step {resume_step}, beyond "
+             f"step {num_steps}; raise -x to go on from it")
     val_batches = 0
     if val_loader:
         val_batches = val_loader.num_batches if args.m == -1 else min(args.m, val_loader.num_batches)
@@ -849,10 +898,6 @@ def main(argv=None):
             print(f"-w 0: the master weights in {state_path} are left unused")
         step, rng_state, rng_state_last_update = state.step, state.rng_state, state.rng_state_last_update
         loss_detector, norm_detector = OutlierDetector(state.loss_window), OutlierDetector(state.norm_window)
-        try:
-            train_loader.restore(state.epoch, state.shard_index, state.sample_index)
-        except ValueError as e:
-            fail(f"{state_path}: {e}")
 
     precision = "fp32" if model.params.dtype == np.float32 else \
         "bf16, fp32 master weights" if model.master is not None else "bf16, no master weights"
@@ -878,12 +923,20 @@ def main(argv=None):
         print("-z 1 with one process: there is nothing to shard, so ZeRO-1 changes nothing")
     if args.m != -1 and val_loader and args.m > val_batches:
         print(f"-m {args.m}: the val split holds {val_batches} batches of B*T, so val loss uses those")
+    if args.s and args.g is None and sample_tokens < SAMPLE_TOKENS:
+        print(f"-g: samples are {sample_tokens} tokens, not {SAMPLE_TOKENS}: all that B*T = {B * T} and the model's "
+              f"maximum sequence length {config.max_seq_len} allow (give -g to choose)")
     if args.s and tokenizer is None:
         print(f"no tokenizer at {TOKENIZER} (python -m prepro.gpt2_tokenizer writes it): samples print as token ids")
     if resume_step is not None:
         print(f"resuming from {model_path} at step {resume_step}")
+        if args.e is not None:
+            print(f"-e {args.e}: not used, as -y 1 goes on with the checkpoint's model")
     elif args.y:
         print(f"-y 1: no checkpoint in {args.o} yet, starting from scratch")
+    if resume_step is None and args.o is not None and os.path.exists(os.path.join(args.o, "main.log")):
+        print(f"{os.path.join(args.o, 'main.log')}: an earlier run's log, with no checkpoint to resume from, "
+              f"is replaced by this run's")
 
     log = None
     if args.o is not None:
@@ -891,7 +944,7 @@ def main(argv=None):
         log = Log(args.o, step) if rank == 0 else None
         print(f"run directory: {args.o}")
 
-    sampler = Sampler(model, args.g) if args.s and rank == 0 else None  # its KV cache, before the loop
+    sampler = Sampler(model, sample_tokens) if args.s and rank == 0 else None  # its KV cache, before the loop
     ema_tok_s, timed_s, timed_steps = 0.0, 0.0, 0
     peak, step_flops_per_token = peak_flops(K.DEVICE), flops_per_token(config, T)
     for step in range(step, num_steps + 1):
@@ -909,6 +962,8 @@ def main(argv=None):
                 prune_checkpoints(args.o, args.nk, args.nm)
         if val_loader and (step % args.v == 0 or last_step):
             loss = comm.sum([val_loss(model, val_loader, val_batches)])[0] / nproc  # each rank has its own batches
+            if not math.isfinite(loss):
+                fail(f"step {step}: the val loss is {loss}: the model diverged; lower -l")
             print(f"val loss {loss:.6f}")
             if log:
                 log.write(f"s:{step} tel:{loss:.4f}")
@@ -920,8 +975,11 @@ def main(argv=None):
         if sampler and ((step > 0 and step % args.s == 0) or last_step):
             print("generating:\n---")
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            for token in sampler.generate([GPT2_EOT], args.g - 1, seed=(1337, step)):
-                print(decoder.decode(tokenizer[token]) if tokenizer else f"{token} ", end="", flush=True)
+            try:
+                for token in sampler.generate([GPT2_EOT], sample_tokens - 1, seed=(1337, step)):
+                    print(decoder.decode(tokenizer[token]) if tokenizer else f"{token} ", end="", flush=True)
+            except ValueError as e:  # next_token's: logits that are not finite
+                fail(f"step {step}: sampling: {e}; lower -l")
             print("\n---")
         if last_step:
             break
@@ -930,6 +988,11 @@ def main(argv=None):
         if args.a:
             train_loader.reset()
         loss, norm = gradients(model, comm, train_loader, grad_accum_steps)
+        if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank, so every rank stops here
+            saved = done_steps(args.o) if args.o is not None else []
+            fail(f"step {step + 1}/{num_steps}: the loss is {loss} and the grad norm {norm}: training diverged, and "
+                 f"this update is not made; lower -l" + (f", and resume from the checkpoint at step {saved[-1]} "
+                                                          f"with -y 1" if saved else ""))
         zloss = loss_detector.update(loss)
         lr = learning_rate(args.k, step, num_steps, args.l, args.u, args.q)
         znorm = norm_detector.update(norm)
@@ -964,6 +1027,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    np.seterr(over="ignore", invalid="ignore")  # a diverging run is said once, by the loop's loss check, as on the GPU
     try:
         run(main)
     except KeyboardInterrupt:  # checkpoints are whole or absent: the newest DONE is where -y 1 goes on

@@ -38,7 +38,8 @@ def parse_args(argv):
     add("--seed", type=int, default=1337, help="seed of the draws: the same seed gives the same text "
                                                "(default: %(default)s)")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="as train_gpt2.py's (default: %(default)s)")
-    add("--no-cache", action="store_true", help="recompute the whole prefix for every token (as llm.c does)")
+    add("--no-cache", action="store_true", help="recompute the whole prefix for every token (as llm.c does; "
+                                                "--bench times both ways)")
     add("--bench", action="store_true", help="generate -g tokens with the KV cache, then recomputing the prefix, "
                                              "and print both tokens/s and their ratio")
     return parser.parse_args(argv)
@@ -61,10 +62,13 @@ def timed(sampler, prompt, args, on_token=None):
     """The tokens sampler generates after prompt, and the seconds it took."""
     t0 = time.perf_counter()
     tokens = []
-    for token in sampler.generate(prompt, args.g, args.seed, args.temperature, args.top_k):
-        tokens.append(token)
-        if on_token:
-            on_token(token)
+    try:
+        for token in sampler.generate(prompt, args.g, args.seed, args.temperature, args.top_k):
+            tokens.append(token)
+            if on_token:
+                on_token(token)
+    except ValueError as e:  # logits that are not finite: the checkpoint is of a run that diverged
+        fail(f"-e {args.e}: {e}")
     sampler.model.K.synchronize()
     return tokens, time.perf_counter() - t0
 
@@ -78,12 +82,18 @@ def main(argv=None):
         fail(f"--temperature {args.temperature}: must not be negative (0 is greedy)")
     if args.top_k < 0:
         fail(f"--top-k {args.top_k}: must not be negative (0: all tokens)")
+    if args.seed < 0:
+        fail(f"--seed {args.seed}: must not be negative")
+    if args.bench and args.no_cache:
+        fail("--bench times both the KV cache and recomputing the prefix: drop --no-cache")
     if args.e.endswith(".bin") and not os.path.exists(args.e):
         fail(f"-e {args.e}: no such file")
     try:
         config, params = gpt.load_or_init(args.e)
-    except (FormatError, ValueError) as e:
-        fail(f"-e {args.e}: {e}")
+    except FormatError as e:  # its message opens with the path
+        fail(f"-e {e}")
+    except ValueError as e:  # a descriptor that is not dN: the message quotes it
+        fail(f"-e: {e}")
     encoding = gpt2_encoding()
     if config.vocab_size != encoding.n_vocab:
         fail(f"-e {args.e}: vocabulary of {config.vocab_size} tokens, not GPT-2's {encoding.n_vocab}")

@@ -11,7 +11,7 @@ import torch
 
 import bf16_twins
 import train_gpt2 as gpt
-from fileformats import read_model
+from fileformats import read_model, write_model
 from prepro.gpt2_tokenizer import gpt2_encoding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +130,8 @@ BAD_SAMPLE_INPUTS = [
     (["--temperature", "-0.5"], "--temperature -0.5"),
     (["--top-k", "-1"], "--top-k -1"),
     (["-e", "missing.bin"], "missing.bin"),
+    (["--seed", "-1", "-g", "4"], "--seed -1"),
+    (["--bench", "--no-cache"], "drop --no-cache"),
 ]
 
 
@@ -141,12 +143,22 @@ def test_bad_sampler_input_is_one_line(model_file, args, expected):
         result.stderr
 
 
+def test_a_file_that_is_no_checkpoint_is_named_once(tmp_path):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(bytes(2048))
+    result = sample("-e", str(bad))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: -e {bad}: bad magic"), \
+        result.stderr
+    assert lines[0].count(str(bad)) == 1
+
+
 # ----------------------------------------------------------------------------- the trainer's samples
 
 def test_g_past_the_models_max_seq_len_is_one_line_at_start_with_nothing_written(data, model_file, tmp_path):
-    """-g 64 is the default, and the model's maxT is 32: the flags alone cannot tell."""
+    """-g 64, and the model's maxT is 32: the flags alone cannot tell."""
     result = subprocess.run([sys.executable, str(REPO / "train_gpt2.py"), "-e", str(model_file), *data, "-b", "2",
-                             "-t", "32", "-x", "2", "-s", "1", "-n", "1", "-o", "out"], cwd=tmp_path,
+                             "-t", "32", "-x", "2", "-s", "1", "-g", "64", "-n", "1", "-o", "out"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and result.stdout == "", result.stderr
@@ -166,3 +178,18 @@ def test_a_failure_in_the_final_sample_leaves_the_final_checkpoint_on_disk(data,
     names = set(os.listdir(tmp_path / "run"))
     assert {"model_00000003.bin", "state_00000003_00000.bin", "DONE_00000003"} <= names
     read_model(tmp_path / "run" / "model_00000003.bin")  # whole
+
+
+def test_a_diverged_checkpoint_is_one_line_in_dev_sample(model_file, tmp_path):
+    """A checkpoint whose weights went nan: dev/sample.py names it in one line, greedy or not."""
+    config, params = read_model(model_file)
+    params = params.copy()
+    params[:1000] = np.nan
+    path = tmp_path / "nan.bin"
+    write_model(path, config, params, 3)
+    for temperature in ("0", "1"):
+        result = subprocess.run([sys.executable, str(REPO / "dev/sample.py"), "-e", str(path), "-g", "4", "--device",
+                                 "cpu", "--temperature", temperature], capture_output=True, text=True, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert lines[0] == f"error: -e {path}: the model's logits are not finite (nan): it diverged", lines[0]

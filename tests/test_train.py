@@ -1,8 +1,10 @@
 """train_gpt2.py end to end on the CPU: the command line, data loading, the loop's output and log,
 checkpoints, exact resume, and learning on Tiny Shakespeare."""
+import dataclasses
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import torch
 
 import train_gpt2 as gpt
 from kernels import cuda_unavailable
-from fileformats import HellaSwagExample, read_model, read_shard, read_state, write_hellaswag, write_shard
+from fileformats import HellaSwagExample, read_model, read_shard, read_state, write_hellaswag, write_model, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "dev"))
@@ -96,6 +98,128 @@ def test_training_moved_the_weights_and_the_loss(runs):
     assert not np.array_equal(first, last)
 
 
+@pytest.fixture(scope="module")
+def checkpointed(data, tmp_path_factory):
+    """A run stopped at step 2 (checkpoints at 1 and 2) of grad accumulation 16: its loader is at
+    sample 32 of its first shard (the 2500-token one, in the seed-42 order), which holds 39 samples
+    of B*T = 64 but only 19 of 128."""
+    cwd = tmp_path_factory.mktemp("checkpointed")
+    run(*TINY, *data, "-v", "0", "-x", "2", "-n", "1", "-d", "1024", "-o", "run", cwd=cwd)
+    return cwd / "run"
+
+
+def resume(run_dir, data, tmp_path, *args, check=True):
+    """-y 1 on a copy of run_dir, with TINY's flags, the data and args: (result, the copy)."""
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    return run(*TINY, *data, "-v", "0", "-n", "1", "-d", "1024", *args, "-o", str(copy), "-y", "1", cwd=tmp_path,
+               check=check), copy
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["-x", "1"], "error: -x 1: nothing to train: the newest checkpoint in {run} is at step 2, beyond step 1; raise -x "
+                  "to go on from it"),
+    (["-x", "3", "-b", "4"], "error: {run}/state_00000002_00000.bin: loader position sample 32 is out of range 0..19: "
+                             "shard position 0 of epoch 0 holds 19 samples: the checkpoint's data position does not "
+                             "fit this run's -i, -b, -t and -pn; resume with the run's original ones"),
+    (["-x", "3", "-pn", "2", "-pr", "1"], "error: -o {run}: the checkpoint at step 2 was written by a run of 1 "
+                                          "process(es), and this one has 2: resume with the same number (-pn 1)"),
+], ids=["-x", "-b", "-pn"])
+def test_resume_that_the_flags_do_not_fit_is_one_line_naming_them(checkpointed, data, tmp_path, args, expected):
+    result, copy = resume(checkpointed, data, tmp_path, *args, check=False)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and lines == [expected.format(run=copy)], result.stderr
+    assert result.stdout == ""
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(checkpointed))
+
+
+def test_e_on_resume_is_said_to_be_unused(checkpointed, data, tmp_path):
+    result, _ = resume(checkpointed, data, tmp_path, "-x", "3", "-e", "d2")
+    assert "-e d2: not used, as -y 1 goes on with the checkpoint's model" in result.stdout.splitlines()
+    assert "model: L=1 NH=1 C=64 " in result.stdout  # d1's, not d2's
+
+
+@pytest.fixture(scope="module")
+def two_process_run(data, tmp_path_factory):
+    """2 processes, -z 0: each rank's state file holds the whole model's AdamW state."""
+    cwd = tmp_path_factory.mktemp("two")
+    run(*TINY, *data, "-v", "0", "-x", "2", "-n", "2", "-pn", "2", "-z", "0", "--device", "cpu", "-o", "run", cwd=cwd)
+    return cwd / "run"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["-pn", "2", "-z", "1"], "{run}/state_00000002_00000.bin: written by a -z 0 run: resume with -z 0"),
+    # a rank the checkpoint has no state file for still names -pn, not its missing file
+    (["-pn", "3", "-pr", "2"], "-o {run}: the checkpoint at step 2 was written by a run of 2 process(es), and this one "
+                               "has 3: resume with the same number (-pn 2)"),
+], ids=["-z", "-pn"])
+def test_resume_with_another_zero_stage_or_process_count_names_the_flag(two_process_run, data, tmp_path, args,
+                                                                        expected):
+    copy = shutil.copytree(two_process_run, tmp_path / "run")
+    result = run(*TINY, *data, "-v", "0", "-x", "4", "--device", "cpu", *args, "-o", str(copy), "-y", "1",
+                 cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert f"error: {expected.format(run=copy)}" in result.stderr.splitlines(), result.stderr
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(two_process_run))
+
+
+def test_a_fresh_run_says_it_replaces_the_log_an_earlier_run_left_without_checkpoints(data, tmp_path):
+    first = run(*TINY, *data, "-v", "0", "-x", "2", "-o", "out", cwd=tmp_path)
+    second = run(*TINY, *data, "-v", "0", "-x", "1", "-o", "out", cwd=tmp_path)
+    note = "out/main.log: an earlier run's log, with no checkpoint to resume from, is replaced by this run's"
+    assert note not in first.stdout.splitlines() and note in second.stdout.splitlines()
+    assert [line.split()[0] for line in (tmp_path / "out" / "main.log").read_text().splitlines()] == ["s:0"]
+
+
+# ----------------------------------------------------------------------------- a run that diverges
+
+def test_a_diverging_run_stops_before_its_update_and_its_last_checkpoint_resumes(data, tmp_path):
+    """From the step-2 checkpoint of a sound run, -l 1e30: step 3's update throws the weights to
+    ~1e30, and step 4's loss is nan. The run stops there in one line, before step 4's update and
+    the step-4 checkpoint, so the step-2 checkpoint is still the newest, and resumes."""
+    cmd = [*TINY, *data, "-v", "0", "-x", "4", "-n", "2", "-o", "out"]
+    run(*cmd, "-x", "2", cwd=tmp_path)
+    diverged = run(*cmd, "-y", "1", "-l", "1e30", cwd=tmp_path, check=False)
+    assert diverged.returncode == 1
+    assert diverged.stderr.splitlines() == [
+        "error: step 4/4: the loss is nan and the grad norm nan: training diverged, and this update is not made; "
+        "lower -l, and resume from the checkpoint at step 2 with -y 1"], diverged.stderr
+    assert re.search(r"^step    3/4 \| loss \d", diverged.stdout, re.M) and "step    4/4" not in diverged.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == ["DONE_00000002", "main.log", "model_00000002.bin",
+                                                    "state_00000002_00000.bin"]
+    resumed = run(*cmd, "-y", "1", cwd=tmp_path)
+    losses = [float(m.group(1)) for m in re.finditer(r"\| loss (\S+)", resumed.stdout)]
+    assert "at step 2" in resumed.stdout and len(losses) == 2 and all(map(math.isfinite, losses))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["-v", "1", "-m", "1"], "error: step 1: the val loss is nan: the model diverged; lower -l"),
+    (["-v", "0", "-s", "1", "-g", "5"],
+     "error: step 1: sampling: the model's logits are not finite (nan): it diverged; lower -l"),
+], ids=["val loss", "sample"])
+def test_evaluating_a_diverged_model_is_one_line(data, tmp_path, args, expected):
+    """-x 1: the one update (-l 1e30) has no later step's loss to show it diverged; the final val
+    loss or sample does."""
+    result = run(*TINY, *data, "-x", "1", "-l", "1e30", *args, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stderr.splitlines() == [expected], result.stderr
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("temperature, top_k", [(0, 0), (1.0, 0), (1.0, 2)])
+def test_next_token_refuses_logits_that_are_not_finite(bad, temperature, top_k):
+    logits = np.array([0.5, 2.0, bad, -1.0])
+    kind = "nan" if math.isnan(bad) else "inf"
+    with pytest.raises(ValueError, match=rf"^the model's logits are not finite \({kind}\): it diverged$"):
+        gpt.next_token(logits, np.random.default_rng(0), temperature, top_k)
+
+
+def test_a_sampler_on_nan_weights_raises_the_value_error_greedy_or_not():
+    config = gpt.config_from_descriptor("d1")
+    model = gpt.GPT2(config, np.full(gpt.num_parameters(config), np.nan, np.float32), 1, 8)
+    for temperature in (0, 1.0):
+        with pytest.raises(ValueError, match="not finite"):
+            list(gpt.Sampler(model, 8).generate([gpt.GPT2_EOT], 4, seed=0, temperature=temperature))
+
+
 # ----------------------------------------------------------------------------- the files and lines flags produce
 
 def test_flags_produce_exactly_their_files_and_lines(data, tmp_path):
@@ -127,6 +251,24 @@ def test_one_epoch_by_default(data, tmp_path):
     # llm.c's one epoch is the token count over the step's tokens: 5501 // 64 = 85 steps
     result = run(*TINY, *data, "-v", "0", cwd=tmp_path)
     assert "step   85/85" in result.stdout and "step   86" not in result.stdout
+
+
+def test_the_default_sample_is_64_tokens_or_what_b_times_t_and_the_model_allow_and_says_so(data, tmp_path):
+    def sample(result):
+        return result.stdout.split("generating:\n---\n")[1].split("\n---")[0].split()
+
+    full = run("-e", "d1", "-b", "2", "-t", "32", *data, "-x", "1", "-v", "0", "-s", "1", cwd=tmp_path)
+    assert len(sample(full)) == 63 and "-g:" not in full.stdout  # 64 with the EOT that starts it
+    short = run("-e", "d1", "-b", "1", "-t", "16", *data, "-x", "1", "-v", "0", "-s", "1", cwd=tmp_path)
+    assert len(sample(short)) == 15
+    assert "-g: samples are 16 tokens, not 64: all that B*T = 16 and the model's maximum sequence length 1024 " \
+           "allow (give -g to choose)" in short.stdout.splitlines()
+    config = dataclasses.replace(gpt.config_from_descriptor("d1"), max_seq_len=24)
+    write_model(tmp_path / "maxt24.bin", config, gpt.init_params(config), 3)
+    model = run("-e", "maxt24.bin", "-b", "2", "-t", "16", *data, "-x", "1", "-v", "0", "-s", "1", cwd=tmp_path)
+    assert len(sample(model)) == 23
+    assert "-g: samples are 24 tokens, not 64: all that B*T = 32 and the model's maximum sequence length 24 " \
+           "allow (give -g to choose)" in model.stdout.splitlines()
 
 
 def test_sampling_prints_the_requested_number_of_tokens(data, tmp_path):
@@ -243,7 +385,15 @@ BAD_INPUTS = [
     (["-y", "1"], "-o DIR"),
     (["-n", "5"], "-o DIR"),
     (["-g", "500", "-s", "5"], "-g 500"),
+    (["-g", "64", "-b", "1", "-s", "5"], "-g 64: tokens to sample must be in 2..32"),  # given, so not lowered
+    (["-b", "1", "-t", "1", "-s", "5"], "-s 5: a sample needs 2 tokens, and B*T is 1"),
+    (["-l", "nan"], "-l nan: must be a finite number"),
+    (["-l", "inf"], "-l inf: must be a finite number"),
+    (["-sg", "nan"], "-sg nan: must be a finite number"),
+    (["-c", "inf"], "-c inf: must be a finite number"),
+    (["--rendezvous-timeout", "nan"], "--rendezvous-timeout nan: must be a finite number"),
     (["-e", "q12"], "q12"),
+    (["-e", "README.md"], "model 'README.md' is neither a .bin checkpoint nor dN / gpt2:dN"),
     (["-e", "missing.bin"], "missing.bin"),
     (["-e", "bad.bin"], "bad.bin"),
     (["-i", "nothing_*.bin"], "nothing_*.bin"),
@@ -251,6 +401,8 @@ BAD_INPUTS = [
     (["-i", "badshard.bin"], "badshard.bin"),
     (["-h", "1"], "hellaswag_val.bin"),
     (["-o", "full"], "-y 1"),
+    (["-o", ""], "-o '': give a run directory's path"),
+    (["-o", "bad.bin"], "-o bad.bin: is a file, not a directory"),
 ]
 
 
@@ -258,6 +410,7 @@ BAD_INPUTS = [
 def test_bad_input_is_one_line_a_nonzero_exit_and_no_files(data, tmp_path, args, expected):
     (tmp_path / "bad.bin").write_bytes(b"\0" * 2000)
     (tmp_path / "badshard.bin").write_bytes(b"\1" * 2000)
+    (tmp_path / "README.md").write_text("# not a model\n")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "DONE_00000003").touch()
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
