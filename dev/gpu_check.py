@@ -442,7 +442,7 @@ def parse_names(text, valid, what):
     return names or list(valid)
 
 
-def run(out, prep, stage_names, tests):
+def check(out, prep, stage_names, tests):
     """Preflight, then the stages named (all by default); True when every stage recorded in OUT passed."""
     chosen = parse_names(stage_names, [s.name for s in STAGES], "--stages")
     out.mkdir(parents=True, exist_ok=True)
@@ -548,7 +548,7 @@ def main(argv=None):
     if args.verb == "prep":
         prep_folder(args.dir.resolve())
     elif args.verb == "run":
-        sys.exit(0 if run(args.out.resolve(), args.prep and args.prep.resolve(), args.stages, args.tests) else 1)
+        sys.exit(0 if check(args.out.resolve(), args.prep and args.prep.resolve(), args.stages, args.tests) else 1)
     else:
         if not (args.out / "gpu_check.json").exists():
             fail(f"{args.out}: no gpu_check.json (not a gpu-check output folder)")

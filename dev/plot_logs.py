@@ -28,16 +28,22 @@ LINE = re.compile(r"s:(\d+) (trl|tel|eval):(\S+)")
 # split, and HellaSwag accuracy
 GPT2_VAL_LOSS = {"124M": 3.424958, "350M": 3.083089, "774M": 3.000580, "1558M": 2.831273}
 GPT2_HELLASWAG = {"124M": 0.294463, "350M": 0.375224, "774M": 0.431986, "1558M": 0.488946}
+FORMATS = ("png", "pdf", "svg")  # -o's extension picks one; matplotlib writes each without extra packages
+DEFAULT_NAME = "runs.png"
 
 
 def read_log(path):
     """main.log -> {'trl': {step: train loss}, 'tel': {step: val loss}, 'eval': {step: HellaSwag}};
-    a step logged twice keeps its later value."""
+    a step logged twice keeps its later value. A value that is not a number is a ValueError naming
+    the file and line."""
     curves = {"trl": {}, "tel": {}, "eval": {}}
     with open(path) as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if m := LINE.match(line):
-                curves[m.group(2)][int(m.group(1))] = float(m.group(3))
+                try:
+                    curves[m.group(2)][int(m.group(1))] = float(m.group(3))
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: {m.group(2)}:{m.group(3)} is not a number") from None
     return curves
 
 
@@ -51,8 +57,9 @@ def smooth(values, window):
 
 
 def plot(runs, path, smoothing=0, gpt2=None):
-    """runs: {label: read_log(...)}; writes a PNG: train loss, val loss, and HellaSwag when any run
-    has it (or gpt2, one of GPT2_VAL_LOSS's sizes, asks for its reference line)."""
+    """runs: {label: read_log(...)}; writes an image, in the format of path's extension (one of FORMATS):
+    train loss, val loss, and HellaSwag when any run has it (or gpt2, one of GPT2_VAL_LOSS's sizes,
+    asks for its reference line)."""
     hellaswag = gpt2 is not None or any(curves["eval"] for curves in runs.values())
     fig, axes = plt.subplots(1, 3 if hellaswag else 2, figsize=(18 if hellaswag else 12, 4.5))
     train_ax, val_ax = axes[0], axes[1]
@@ -82,7 +89,7 @@ def plot(runs, path, smoothing=0, gpt2=None):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=os.path.splitext(path)[1][1:].lower())
     plt.close(fig)
 
 
@@ -102,15 +109,30 @@ def resolve(spec):
     return label, log
 
 
+def output_path(o):
+    """-o as the file to write: a directory gets runs.png inside it; the extension must be one of
+    FORMATS (matplotlib would take a missing one as .png and add it, writing another file)."""
+    path = os.path.join(o, DEFAULT_NAME) if os.path.isdir(o) else o
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension not in FORMATS:
+        problem = f".{extension} is not an image format written here" if extension else "no extension names the format"
+        fail(f"-o {o}: {problem}: end it in {', '.join(f'.{f}' for f in FORMATS)}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        fail(f"-o {o}: no directory {os.path.dirname(os.path.abspath(path))}")
+    return path
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="a run directory, its main.log, or LABEL=either")
-    parser.add_argument("-o", default="runs.png", help="output PNG (default: %(default)s)")
+    parser.add_argument("-o", default=DEFAULT_NAME, help=f"output image: .png, .pdf or .svg, or a directory to "
+                                                         f"write {DEFAULT_NAME} in (default: %(default)s)")
     parser.add_argument("--smooth", type=int, default=21, help="train loss moving-average window, in steps "
                                                                "(below 3: none; default: %(default)s)")
     parser.add_argument("--gpt2", choices=tuple(GPT2_VAL_LOSS), help="draw OpenAI's GPT-2 of this size: its val "
                                                                      "loss and HellaSwag, as llm.c's vislog lists them")
     args = parser.parse_args(argv)
+    path = output_path(args.o)
     runs = {}
     for spec in args.runs:
         label, log = resolve(spec)
@@ -118,16 +140,15 @@ def main(argv=None):
             curves = read_log(log)
         except (OSError, UnicodeDecodeError) as e:
             fail(f"{log}: {getattr(e, 'strerror', None) or e}")
+        except ValueError as e:  # its message names the file and line
+            fail(str(e))
         if not any(curves.values()):
             fail(f"{log}: no s:<step> trl:/tel:/eval: lines: is it an llm.c main.log?")
         if label in runs:
             label = f"{label} ({log})"
         runs[label] = curves
-    out_dir = os.path.dirname(os.path.abspath(args.o))
-    if not os.path.isdir(out_dir):
-        fail(f"-o {args.o}: no directory {out_dir}")
-    plot(runs, args.o, args.smooth, args.gpt2)
-    print(f"wrote {args.o}")
+    plot(runs, path, args.smooth, args.gpt2)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

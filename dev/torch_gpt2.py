@@ -326,6 +326,9 @@ def main():
     p.add_argument("--weight-decay", type=float, default=0.0)
     args = p.parse_args()
 
+    if not (args.model_out or args.model_out_bf16 or args.state_out or args.steps):
+        _fail("nothing to do: give files to write (--model-out, --model-out-bf16, --state-out) or --steps N "
+              "(losses to print); see --help")
     if args.hf and args.model_in:
         _fail("give --hf or --model-in, not both")
     if args.model_in:

@@ -6,22 +6,26 @@
 
 This module compiles the .cu files with nvcc into cubins, once: each cubin is cached under
 kernels/build/<arch>/ by a hash of its source, the shared headers, the flags and nvcc's version, so
-an edit rebuilds just what changed. It needs only the standard library, so `make kernels` (which
-compiles every source for sm_80 and sm_90a) runs anywhere nvcc does, GPU or not:
+an edit rebuilds just what changed. It needs only the standard library (and the repository's cli.py),
+so `make kernels` (which compiles every source for sm_80 and sm_90a) runs anywhere nvcc does, GPU or
+not:
 
     python -m kernels sm_80 sm_90a
 """
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
+
+from cli import ArgumentParser, fail
 
 KERNEL_DIR = Path(__file__).resolve().parent
 BUILD_DIR = KERNEL_DIR / "build"
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Werror", "all-warnings")
+ARCH = re.compile(r"sm_\d+[af]?")  # sm_80; sm_90a, sm_100a: the full instruction set; sm_100f: the family
 
 
 class BuildError(Exception):
@@ -81,10 +85,24 @@ def cubin_path(source, arch, nvcc_version):
     return BUILD_DIR / arch / f"{source.stem}-{digest.hexdigest()[:16]}.cubin"
 
 
+def unknown_arch(arch, nvcc):
+    """Why nvcc cannot compile cubins for `arch`, in one line, or None if it can: the form sm_NN (an
+    a or f suffix allowed), then nvcc's own verdict, from a dry run that compiles nothing."""
+    if not ARCH.fullmatch(arch):
+        return f"{arch} is not an architecture: give sm_NN, e.g. sm_80 (Ampere) or sm_90a (Hopper)"
+    dry = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "--dryrun", "-x", "cu", "-o", os.devnull, os.devnull],
+                         capture_output=True, text=True)
+    if dry.returncode != 0:
+        listed = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True).stdout.split()
+        said = " ".join(" ".join(line for line in dry.stderr.splitlines() if not line.startswith("#$")).split())
+        return f"{arch}: nvcc does not compile for it ({said}); it compiles for {' '.join(listed)}"
+    return None
+
+
 def build(arch, only=None):
     """Compile every kernels/*.cu (or just the stems in `only`) for `arch`, skipping those already
     cached; returns {stem: cubin path}. A cubin is written under a temporary name and renamed, so
-    an interrupted build never leaves a torn one."""
+    an interrupted build never leaves a torn one, and a failed one leaves no folder it made empty."""
     nvcc = nvcc_path()
     nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     cubins = {}
@@ -93,12 +111,16 @@ def build(arch, only=None):
             continue
         path = cubin_path(source, arch, nvcc_version)
         if not path.exists():
+            made = [folder for folder in (path.parent, path.parent.parent) if not folder.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             result = subprocess.run([nvcc, "-cubin", f"-arch={arch}", *NVCC_FLAGS, f"-I{KERNEL_DIR}",
                                      "-o", str(tmp), str(source)], capture_output=True, text=True)
             if result.returncode != 0:
                 tmp.unlink(missing_ok=True)
+                for folder in made:  # deepest first; only if nothing else has been put there meanwhile
+                    if not any(folder.iterdir()):
+                        folder.rmdir()
                 raise BuildError(f"{source.name} does not compile for {arch}:\n{result.stderr.strip()}")
             os.replace(tmp, path)
             for stale in path.parent.glob(f"{source.stem}-*.cubin"):
@@ -108,15 +130,22 @@ def build(arch, only=None):
     return cubins
 
 
-def main(archs):
+def main(argv):
+    parser = ArgumentParser(prog="python -m kernels", description="Compile kernels/*.cu with nvcc into cubins "
+                            "cached under kernels/build/ARCH/ (no GPU needed); make kernels runs sm_80 sm_90a.")
+    parser.add_argument("archs", nargs="*", metavar="ARCH", help="an nvcc GPU architecture, sm_NN: sm_80 (Ampere), "
+                        "sm_90a (Hopper, its full instruction set), ...")
+    archs = parser.parse_args(argv).archs
     if not archs:
-        print("usage: python -m kernels ARCH [ARCH ...]   (e.g. sm_80 sm_90a)", file=sys.stderr)
-        return 1
-    for arch in archs:
-        try:
+        fail("name the architectures to compile for, e.g. python -m kernels sm_80 sm_90a (see --help)")
+    try:
+        nvcc = nvcc_path()
+        for arch in archs:  # every name checked before anything is compiled or made
+            if problem := unknown_arch(arch, nvcc):
+                fail(problem)
+        for arch in archs:
             cubins = build(arch)
-        except BuildError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{arch}: {len(cubins)} kernel files compiled ({', '.join(sorted(cubins))})")
+            print(f"{arch}: {len(cubins)} kernel files compiled ({', '.join(sorted(cubins))})")
+    except BuildError as e:
+        fail(str(e))
     return 0

@@ -1,13 +1,16 @@
 """What the prepro scripts share: downloading to a file that appears only when whole (or reusing it),
-GPT-2's encoding loaded with a one-line error, reading jsonl records, and an ordered parallel map with
-bounded memory. Each script opens with two lines that put the repository root on sys.path when it is
-run as a file (`python prepro/fineweb.py`), as `python -m prepro.fineweb` does."""
+output folders that a failure does not leave behind empty, GPT-2's encoding loaded with a one-line
+error, reading jsonl records, and an ordered parallel map with bounded memory. Each script opens with
+two lines that put the repository root on sys.path when it is run as a file (`python
+prepro/fineweb.py`), as `python -m prepro.fineweb` does."""
 import collections
+import contextlib
 import functools
 import http.client
 import json
 import shutil
 import urllib.request
+from pathlib import Path
 
 from cli import fail
 from fileformats import atomic_write
@@ -21,16 +24,33 @@ def download(url, path, timeout=10):
 
 def local_copy(url, path, timeout=10):
     """path, downloaded from url unless a copy is there already; a download that fails is one line
-    that points at --source."""
+    that points at --source, and leaves none of the folders it made for path."""
     if path.exists():
         print(f"reusing {path}")
         return path
     print(f"downloading {url} to {path}")
-    try:
-        download(url, path, timeout)
-    except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors too
-        fail(f"could not download {url} ({e}); give a local copy with --source")
+    with output_folder(path.parent):
+        try:
+            download(url, path, timeout)
+        except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors too
+            fail(f"could not download {url} ({e}); give a local copy with --source")
     return path
+
+
+@contextlib.contextmanager
+def output_folder(folder):
+    """folder, made (with its parents) if missing; a block that fails before putting anything in the
+    folders made here removes them again, so a failed run leaves no empty folder behind."""
+    folder = Path(folder)
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for f in made:
+            with contextlib.suppress(OSError):  # one that is not empty stays
+                f.rmdir()
+        raise
 
 
 @functools.cache

@@ -10,9 +10,10 @@ fineweb.py does. Shard 0 is val, the rest train, named as llm.c names them:
     python prepro/fineweb.py --source a.parquet b.jsonl -s 1000000   # local files with a `text` column
 
 The Hugging Face datasets (HuggingFaceFW/fineweb and fineweb-edu, configs sample-10BT/sample-100BT) are
-read through `datasets`, which downloads and caches them (about 28 GB of parquet for 10B). Tokenizing,
-the cost of 10B tokens, runs on every core: the documents go out in batches of about a megabyte and
-come back as one uint16 array per batch, a bounded number in flight.
+read through `datasets`, which downloads and caches them (about 28 GB of parquet for 10B; where the hub
+cannot be reached, they come from that cache, and the run says so). Tokenizing, the cost of 10B
+tokens, runs on every core: the documents go out in batches of about a megabyte and come back as one
+uint16 array per batch, a bounded number in flight.
 
 Each shard is written whole under a temporary name and renamed into place, so a crash leaves finished
 shards only. A rerun keeps the leading shards that hold exactly -s tokens and goes on from the first
@@ -27,9 +28,13 @@ import sys
 if __package__ in (None, ""):  # run as a file: the repository root on the path, as `python -m` puts it
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import http.client
 import itertools
 import multiprocessing
 import re
+import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -108,16 +113,53 @@ def _jsonl_texts(path):
         yield text
 
 
-def hub_documents(repo, config):
-    """The dataset's `text` column through `datasets`: downloaded and cached once, as llm.c loads it."""
+def hub_unreachable(timeout=10):
+    """Why the Hugging Face hub cannot be reached from here, in a few words, or None when it answers
+    (any HTTP status, or a TLS handshake: what it means is datasets' to judge). One request, through
+    the proxies datasets would use: without a network, datasets retries for about 25 s first."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # as huggingface_hub reads it
     try:
-        from datasets import load_dataset
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except OSError as e:  # URLError wraps what the socket said: no such host, refused, unreachable, timed out
+        reason = getattr(e, "reason", e)
+        return None if isinstance(reason, ssl.SSLError) else f"{endpoint}: {one_line(reason)}"
+    except (ValueError, http.client.HTTPException):  # a malformed HF_ENDPOINT, or a server that spoke oddly
+        return None
+    return None
+
+
+def hub_documents(repo, config):
+    """The dataset's `text` column through `datasets`: downloaded and cached once, as llm.c loads it.
+    Where the hub is unreachable, datasets is put in offline mode (read when it is imported), so it
+    takes its cache at once, or fails at once, instead of retrying."""
+    offline = any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")  # the user's own word: no request
+                  for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    unreachable = None if offline else hub_unreachable()
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    if unreachable:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import datasets
     except ImportError:
         fail("the Hugging Face datasets are read through `datasets`: pip install -r requirements.txt")
+    finally:  # the process's environment as it was, for whatever else runs in it
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+    if unreachable:
+        datasets.logging.set_verbosity_error()  # its "using the cached version" warning: our own line says so
     try:
-        dataset = load_dataset(repo, name=config, split="train").select_columns(["text"])
+        dataset = datasets.load_dataset(repo, name=config, split="train").select_columns(["text"])
     except Exception as e:  # noqa: BLE001 -- network, hub and cache errors come in many types; each is one line
+        if unreachable:
+            fail(f"could not load {repo} ({config}): the Hugging Face hub is unreachable ({unreachable}) and "
+                 f"datasets has no copy in its cache; give local files with --source")
         fail(f"could not load {repo} ({config}) through datasets: {one_line(e)}")
+    if unreachable:
+        print(f"the Hugging Face hub is unreachable ({unreachable}): {repo} ({config}) read from datasets' cache")
     return (text for batch in dataset.iter(batch_size=4096) for text in batch["text"])
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cli import ArgumentParser, fail, run
 from fileformats import HellaSwagExample, write_hellaswag
-from prepro.common import SourceError, jsonl_records, load_encoding, local_copy
+from prepro.common import SourceError, jsonl_records, load_encoding, local_copy, output_folder
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -44,15 +44,15 @@ def read_examples(path, encoding):
 
 def prepare(data_dir, source=None, url=URL):
     folder = Path(data_dir) / "hellaswag"
-    folder.mkdir(parents=True, exist_ok=True)
     if source is None:
         source = local_copy(url, folder / "hellaswag_val.jsonl")
     examples = read_examples(source, load_encoding())
     out = folder / "hellaswag_val.bin"
-    try:
-        write_hellaswag(out, examples)
-    except ValueError as e:  # an example too long for the format's uint16 fields
-        fail(f"{source}: {e}")
+    with output_folder(folder):  # only now: a bad source leaves no empty folder
+        try:
+            write_hellaswag(out, examples)
+        except ValueError as e:  # an example too long for the format's uint16 fields
+            fail(f"{source}: {e}")
     print(f"wrote {out} ({len(examples):,} examples from {source})")
     return out
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from cli import ArgumentParser, fail, run
 from fileformats import write_shard
-from prepro.common import load_encoding, local_copy, ordered_map
+from prepro.common import load_encoding, local_copy, ordered_map, output_folder
 from prepro.gpt2_tokenizer import EOT
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
@@ -68,7 +68,6 @@ def json_members(tar):
 
 def prepare(data_dir, source=None, url=URL, processes=None):
     folder = Path(data_dir) / "tinystories"
-    folder.mkdir(parents=True, exist_ok=True)
     if source is None:
         source = local_copy(url, folder / "TinyStories_all_data.tar.gz", timeout=60)
     encoding = load_encoding()
@@ -89,11 +88,12 @@ def prepare(data_dir, source=None, url=URL, processes=None):
                 outputs[split] = np.concatenate(parts)
     except (OSError, tarfile.TarError, EOFError) as e:
         fail(f"{source}: not a readable tar.gz archive ({' '.join(str(e).split())})")
-    # both written only once both are tokenized: a bad file anywhere leaves neither
-    for split, tokens in outputs.items():
-        path = folder / f"TinyStories_{split}.bin"
-        write_shard(path, tokens)
-        print(f"wrote {len(tokens):,} tokens to {path}")
+    # both written only once both are tokenized: a bad file anywhere leaves neither (nor their folder)
+    with output_folder(folder):
+        for split, tokens in outputs.items():
+            path = folder / f"TinyStories_{split}.bin"
+            write_shard(path, tokens)
+            print(f"wrote {len(tokens):,} tokens to {path}")
 
 
 def main(argv=None):

@@ -1,9 +1,12 @@
 """dev/bench/train.py on the CPU: a tiny model through both trainers, the table printed and the
-record written with every field the GPU run is judged on; --device cuda without a GPU is one line."""
+record written with every field the GPU run is judged on; --device cuda without a GPU is one line.
+Beside it, what the other benchmarks share: each runs as a file and with -m, and dev/bench/data.py
+takes no bad flag (it would overwrite the committed record with nonsense)."""
 import importlib.util
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,55 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: --device cuda")
     assert result.stdout == "" and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("module", ["dev.bench.train", "dev.bench.kernels", "dev.bench.data"])
+def test_each_benchmark_runs_with_dash_m_as_well_as_a_file(module):
+    for command in (["-m", module], [str(REPO / (module.replace(".", "/") + ".py"))]):
+        result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0 and result.stdout.startswith("usage: "), (command, result.stderr)
+
+
+def data_bench(*args, out):
+    """dev/bench/data.py with its record sent to `out`, and whether the committed one was left alone."""
+    committed = (REPO / "dev/bench/results/data_cpu.json").read_bytes()
+    result = subprocess.run([sys.executable, str(REPO / "dev/bench/data.py"), *args, "-o", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    return result, (REPO / "dev/bench/results/data_cpu.json").read_bytes() == committed
+
+
+def missing(folder):
+    return folder / "missing.tar.gz", "is missing"
+
+
+def not_a_tar(folder):
+    (folder / "a.jsonl").write_text('{"text": "hello"}\n')
+    return folder / "a.jsonl", "not a tar archive"
+
+
+def no_text(folder):
+    (folder / "notes.md").write_text("no .txt here\n")
+    with tarfile.open(folder / "empty.tar.gz", "w:gz") as tar:
+        tar.add(folder / "notes.md", arcname="notes.md")
+    return folder / "empty.tar.gz", "holds no text"
+
+
+@pytest.mark.parametrize("args", [["--repeat", "0"], ["--processes", "0"], ["--rounds", "0"], ["--batches", "-1"],
+                                  ["--batches", "x"]], ids=" ".join)
+def test_a_data_bench_count_below_1_is_one_line_and_writes_no_record(args, tmp_path):
+    result, untouched = data_bench(*args, out=tmp_path / "out")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and args[0] in lines[0], \
+        result.stderr
+    assert result.stdout == "" and not (tmp_path / "out").exists() and untouched
+
+
+@pytest.mark.parametrize("make", [missing, not_a_tar, no_text])
+def test_a_data_bench_tarball_without_texts_is_one_line_and_writes_no_record(make, tmp_path):
+    tarball, problem = make(tmp_path)
+    result, untouched = data_bench("--tarball", str(tarball), out=tmp_path / "out")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: --tarball {tarball}") \
+        and problem in lines[0], result.stderr
+    assert result.stdout == "" and not (tmp_path / "out").exists() and untouched

@@ -2,11 +2,15 @@
 (names, headers, documents as EOT + tokens cut into shards of exactly -s tokens), a killed run resumes to
 the same bytes, the Hugging Face path asks for the right dataset, and every bad input is one line."""
 import functools
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import prepro.fineweb as fineweb
 from prepro.fineweb import main
 from prepro.gpt2_tokenizer import EOT, gpt2_encoding
 
@@ -125,6 +130,7 @@ def test_the_hugging_face_path_loads_llm_c_s_dataset_and_config(corpus, tmp_path
         return datasets.Dataset.from_dict({"text": docs, "id": list(range(len(docs)))})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(fineweb, "hub_unreachable", lambda: None)  # no network in tests
     main(["-t", "edu", "-v", "10B", "-s", str(SHARD), "-o", str(tmp_path), "--processes", "1"])
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train")]
     names = shard_names("edu_fineweb", -(-len(tokens) // SHARD))
@@ -285,3 +291,60 @@ def test_a_bad_flag_is_one_line_and_exit_1(tmp_path, flags, problem):
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and problem in err, err
     assert not list(tmp_path.rglob("*.bin*"))
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_without_the_hub_the_error_is_one_line_at_once_and_nothing_is_made(tmp_path):
+    """HF_ENDPOINT at a closed port stands in for a machine without a network: datasets would retry
+    for about 25 s, logging each try; with nothing in its cache (an empty HF_HOME) there is no dataset."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HOME=str(tmp_path / "hf"))
+    start = time.monotonic()
+    code, out, err = run(["-m", "prepro.fineweb", "-s", "1000", "-o", str(tmp_path / "out")], env=env)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith("error: could not load HuggingFaceFW/fineweb (sample-10BT): the Hugging Face hub is "
+                               "unreachable") and "--source" in lines[0]
+    assert time.monotonic() - start < 15 and not (tmp_path / "out").exists()
+
+
+def test_a_dataset_read_from_the_cache_without_the_hub_says_so(corpus, tmp_path, monkeypatch, capsys):
+    import datasets
+    docs, _, tokens = corpus
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: datasets.Dataset.from_dict({"text": docs}))
+    monkeypatch.setattr(fineweb, "hub_unreachable", lambda: "https://huggingface.co: [Errno 111] Connection refused")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    main(["-s", str(SHARD), "-o", str(tmp_path), "--processes", "1"])
+    assert "hub is unreachable (https://huggingface.co: [Errno 111] Connection refused): HuggingFaceFW/fineweb " \
+           "(sample-10BT) read from datasets' cache" in capsys.readouterr().out
+    assert "HF_HUB_OFFLINE" not in os.environ  # set for datasets' import only
+    assert sum(len(read_raw_shard(p)) for p in (tmp_path / "fineweb10B").glob("*.bin")) == len(tokens)
+
+
+class _Answers404(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_hub_that_answers_at_all_is_reachable_and_a_closed_port_is_not(monkeypatch):
+    """Any HTTP answer, even 404, leaves the loading to datasets: only a missing network skips its retries."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Answers404)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("no_proxy", "*")
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert fineweb.hub_unreachable() is None
+    finally:
+        server.shutdown()
+    port = closed_port()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}/")
+    assert fineweb.hub_unreachable() == f"http://127.0.0.1:{port}: [Errno 111] Connection refused"

@@ -2,10 +2,13 @@
 what changed, and reports a source that does not compile by name. (Runs without a GPU; needs nvcc.)"""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import kernels
+
+REPO = Path(__file__).resolve().parents[1]
 
 try:
     kernels.nvcc_path()
@@ -57,8 +60,36 @@ def test_device_arch_names():
     assert kernels.device_arch("86") == "sm_86"
 
 
-def test_command_line_exit_status():
-    ok = subprocess.run([sys.executable, "-m", "kernels"], capture_output=True, text=True)
-    assert ok.returncode == 1 and "usage" in ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "kernels", "sm_1"], capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "sm_1" in bad.stderr
+def kernels_command(*args):
+    return subprocess.run([sys.executable, "-m", "kernels", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_is_help_and_builds_nothing():
+    result = kernels_command("--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m kernels") and result.stderr == ""
+    assert not (kernels.BUILD_DIR / "--help").exists()
+
+
+@pytest.mark.parametrize("args, expected", [([], "name the architectures"),
+                                            (["sm_bogus"], "sm_bogus is not an architecture: give sm_NN"),
+                                            (["sm_1"], "sm_1: nvcc does not compile for it"),
+                                            (["sm_80a"], "sm_80a: nvcc does not compile for it"),
+                                            (["sm_80", "sm_bogus"], "sm_bogus is not an architecture")])
+def test_a_bad_architecture_is_one_line_before_anything_is_built(args, expected):
+    before = sorted(kernels.BUILD_DIR.rglob("*")) if kernels.BUILD_DIR.exists() else []
+    result = kernels_command(*args)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {expected}"), result.stderr
+    assert (sorted(kernels.BUILD_DIR.rglob("*")) if kernels.BUILD_DIR.exists() else []) == before
+
+
+def test_a_failed_build_leaves_no_empty_folder(kernel_dir):
+    """nvcc's own refusal (sm_80a: no such architecture-specific set) comes from the first compile."""
+    with pytest.raises(kernels.BuildError, match="twice.cu does not compile for sm_80a"):
+        kernels.build("sm_80a")
+    assert not (kernel_dir / "build").exists()
+    kernels.build("sm_80")
+    with pytest.raises(kernels.BuildError):
+        kernels.build("sm_80a")
+    assert sorted(p.name for p in (kernel_dir / "build").iterdir()) == ["sm_80"]

@@ -66,8 +66,34 @@ def test_bad_paths_are_one_line(run_dirs, tmp_path):
                            ([str(tmp_path / "empty")], "no main.log"),
                            ([str(tmp_path / "notalog.txt")], "no s:<step>"),
                            ([str(run_dirs / "straight"), "-o", str(tmp_path / "no" / "dir.png")], "no directory"),
+                           ([str(run_dirs / "straight"), "-o", "x.txt"], "x.txt: .txt is not an image format"),
+                           ([str(run_dirs / "straight"), "-o", "runs"], "end it in .png, .pdf, .svg"),
                            ([str(run_dirs / "straight"), "--gpt2", "7B"], "--gpt2")]:
         result = plot(*args, cwd=tmp_path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notalog.txt"]
+
+
+def test_o_a_directory_writes_runs_png_inside_it_and_says_where(run_dirs, tmp_path):
+    (tmp_path / "plots").mkdir()
+    result = plot(str(run_dirs / "straight"), "-o", str(tmp_path / "plots"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {tmp_path / 'plots' / 'runs.png'}"
+    assert (tmp_path / "plots" / "runs.png").read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]  # no plots.png beside it
+
+
+def test_the_extension_picks_the_format(run_dirs, tmp_path):
+    result = plot(str(run_dirs / "straight"), "-o", str(tmp_path / "runs.PDF"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "runs.PDF").read_bytes()[:5] == b"%PDF-"
+
+
+def test_a_value_that_is_not_a_number_is_one_line_naming_file_and_line(tmp_path):
+    (tmp_path / "main.log").write_text("s:0 trl:10.8 lr:0.0003 norm:1.0\ns:1 trl:abc lr:0.0003 norm:1.0\n")
+    result = plot(str(tmp_path), "-o", str(tmp_path / "out.png"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and lines == [f"error: {tmp_path / 'main.log'}:2: trl:abc is not a number"], \
+        result.stderr
+    assert not (tmp_path / "out.png").exists()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fileformats import read_shard, read_tokenizer
+from prepro.common import output_folder
 from prepro.gpt2_tokenizer import EOT, gpt2_encoding
 from prepro.tinyshakespeare import main, offline_corpus, prepare
 
@@ -153,3 +154,14 @@ def test_unknown_flag_is_one_line_and_exit_1(module):
                             timeout=60)
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "--bogus" in result.stderr, result.stderr
+
+
+def test_a_failed_block_removes_the_output_folders_it_made_while_they_are_empty(tmp_path):
+    (tmp_path / "there").mkdir()
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "there" / "a" / "b"):
+        raise RuntimeError("tokenizing failed")
+    assert list(tmp_path.iterdir()) == [tmp_path / "there"] and not any((tmp_path / "there").iterdir())
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "c" / "d") as folder:
+        (folder.parent / "downloaded.tar.gz").write_bytes(b"kept")
+        raise RuntimeError("tokenizing failed")
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["downloaded.tar.gz"]

@@ -121,4 +121,13 @@ def test_a_bad_archive_is_one_line_and_exit_1_with_nothing_written(tmp_path, cap
     assert info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and problem in err[0], err
-    assert not list(tmp_path.glob("data/tinystories/*.bin*"))
+    assert not (tmp_path / "data").exists()  # not even an empty folder
+
+
+def test_an_unreachable_download_is_one_line_and_leaves_no_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["-o", str(tmp_path / "data"), "--url", (tmp_path / "missing.tar.gz").as_uri()])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not download") and "--source" in err[0], err
+    assert not (tmp_path / "data").exists()

