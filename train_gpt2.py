@@ -567,7 +567,7 @@ class Sampler:
 def read_optimizer_state(path, num_params, nproc, rank, zero_stage):
     """This rank's state file of a checkpoint, for -z zero_stage. With several processes -z 0 and
     -z 1 keep different shares of the AdamW state, and the file's size is all that tells them
-    apart: one that fits the other stage's share names -z."""
+    apart: one that fits the other stage's share names -z, in words every rank shares."""
     shares = [hi - lo for lo, hi in (optimizer_range(num_params, nproc, rank, z) for z in (0, 1))]
     try:
         return read_state(path, shares[zero_stage], nproc)
@@ -576,7 +576,8 @@ def read_optimizer_state(path, num_params, nproc, rank, zero_stage):
     if shares[0] != shares[1]:
         with contextlib.suppress(FormatError):
             read_state(path, shares[1 - zero_stage], nproc)
-            error = FormatError(path, f"written by a -z {1 - zero_stage} run: resume with -z {1 - zero_stage}")
+            error = ValueError(f"-z {zero_stage}: {os.path.dirname(path)} holds a checkpoint written by a "
+                               f"-z {1 - zero_stage} run: resume with -z {1 - zero_stage}")
     raise error
 
 
@@ -860,8 +861,8 @@ def main(argv=None):
         try:
             train_loader.restore(state.epoch, state.shard_index, state.sample_index)
         except ValueError as e:
-            fail(f"{state_path}: {e}: the checkpoint's data position does not fit this run's -i, -b, -t and -pn; "
-                 f"resume with the run's original ones")
+            fail(f"-o {args.o}: the checkpoint at step {resume_step}: {e}: its data position does not fit this run's "
+                 f"-i, -b, -t and -pn; resume with the run's original ones")
     if hellaswag and 4 * (max(len(ex.context) + max(map(len, ex.endings)) for ex in hellaswag) - 1) > B * T:
         fail(f"-h 1: the longest HellaSwag example does not fit in B*T = {B * T} tokens: raise -b or -t")
     num_steps = args.x if args.x != -1 else train_loader.num_tokens // tokens_per_step
