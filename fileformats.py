@@ -275,9 +275,9 @@ def write_state(path, state):
         _write(f, windows, "<f8")
 
 
-def read_state(path, shard_size, expected_processes=None):
-    """The state of one rank, whose m, v (and master weights) hold shard_size values each. With
-    expected_processes, a state written by a run of another number of processes is refused."""
+def _state_layout(path, shard_size, expected_processes):
+    """A state file's header, checked, and its parts for m, v (and master weights) of shard_size
+    values each, checked against the file's size: all that is read is the header."""
     header, size = _read_header(path, STATE_MAGIC, "an llm.c optimizer state", {1: ""})
     num_processes, rank, master, shuffle = header[2:6].tolist()
     step = int(header[10])
@@ -290,6 +290,26 @@ def read_state(path, shard_size, expected_processes=None):
     parts = [("<f4", shard_size)] * (3 if master else 2)
     note = f"for m, v{', master' if master else ''} of {shard_size} values each, then our trailer"
     _check_size(path, size, parts + TRAILER_PARTS, note)
+    return header, parts
+
+
+def state_fits(path, shard_size, expected_processes=None):
+    """Whether read_state would take the file as far as its payload: m, v (and master weights) of
+    shard_size values each, judged from its header and size alone, without reading what may be
+    gigabytes."""
+    try:
+        _state_layout(path, shard_size, expected_processes)
+    except FormatError:
+        return False
+    return True
+
+
+def read_state(path, shard_size, expected_processes=None):
+    """The state of one rank, whose m, v (and master weights) hold shard_size values each. With
+    expected_processes, a state written by a run of another number of processes is refused."""
+    header, parts = _state_layout(path, shard_size, expected_processes)
+    num_processes, rank, master, shuffle = header[2:6].tolist()
+    step = int(header[10])
     (*arrays, trailer, windows), _ = _read_payload(path, parts + TRAILER_PARTS)
     magic, epoch, n_loss, n_norm = trailer.tolist()
     if magic != STATE_TRAILER_MAGIC:

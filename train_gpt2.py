@@ -29,7 +29,8 @@ import numpy as np
 from cli import ArgumentParser, fail, run
 from dataloader import DataLoader, mt19937
 from fileformats import (FormatError, GPT2Config, OptimizerState, atomic_write, num_parameters, param_shapes,
-                         read_hellaswag, read_model, read_state, read_tokenizer, write_model, write_state)
+                         read_hellaswag, read_model, read_state, read_tokenizer, state_fits, write_model,
+                         write_state)
 import distributed
 from distributed import shard_size
 from kernels import BuildError, cuda_unavailable, reference
@@ -571,14 +572,12 @@ def read_optimizer_state(path, num_params, nproc, rank, zero_stage):
     shares = [hi - lo for lo, hi in (optimizer_range(num_params, nproc, rank, z) for z in (0, 1))]
     try:
         return read_state(path, shares[zero_stage], nproc)
-    except FormatError as e:
-        error = e
-    if shares[0] != shares[1]:
-        with contextlib.suppress(FormatError):
-            read_state(path, shares[1 - zero_stage], nproc)
-            error = ValueError(f"-z {zero_stage}: {os.path.dirname(path)} holds a checkpoint written by a "
-                               f"-z {1 - zero_stage} run: resume with -z {1 - zero_stage}")
-    raise error
+    except FormatError:
+        other = 1 - zero_stage
+        if shares[other] != shares[zero_stage] and state_fits(path, shares[other], nproc):
+            raise ValueError(f"-z {zero_stage}: {os.path.dirname(path)} holds a checkpoint written by a -z {other} "
+                             f"run: resume with -z {other}") from None
+        raise
 
 
 def load_params(path):
