@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, fail, output_folder
 
 KERNEL_DIR = Path(__file__).resolve().parent
 BUILD_DIR = KERNEL_DIR / "build"
@@ -111,17 +111,13 @@ def build(arch, only=None):
             continue
         path = cubin_path(source, arch, nvcc_version)
         if not path.exists():
-            made = [folder for folder in (path.parent, path.parent.parent) if not folder.exists()]
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            result = subprocess.run([nvcc, "-cubin", f"-arch={arch}", *NVCC_FLAGS, f"-I{KERNEL_DIR}",
-                                     "-o", str(tmp), str(source)], capture_output=True, text=True)
-            if result.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                for folder in made:  # deepest first; only if nothing else has been put there meanwhile
-                    if not any(folder.iterdir()):
-                        folder.rmdir()
-                raise BuildError(f"{source.name} does not compile for {arch}:\n{result.stderr.strip()}")
+            with output_folder(path.parent):
+                result = subprocess.run([nvcc, "-cubin", f"-arch={arch}", *NVCC_FLAGS, f"-I{KERNEL_DIR}",
+                                         "-o", str(tmp), str(source)], capture_output=True, text=True)
+                if result.returncode != 0:
+                    tmp.unlink(missing_ok=True)
+                    raise BuildError(f"{source.name} does not compile for {arch}:\n{result.stderr.strip()}")
             os.replace(tmp, path)
             for stale in path.parent.glob(f"{source.stem}-*.cubin"):
                 if stale != path:

@@ -1,18 +1,16 @@
 """What the prepro scripts share: downloading to a file that appears only when whole (or reusing it),
-output folders that a failure does not leave behind empty, GPT-2's encoding loaded with a one-line
-error, reading jsonl records, and an ordered parallel map with bounded memory. Each script opens with
+GPT-2's encoding loaded with a one-line error, reading jsonl records, and an ordered parallel map with
+bounded memory. Each script opens with
 two lines that put the repository root on sys.path when it is run as a file (`python
 prepro/fineweb.py`), as `python -m prepro.fineweb` does."""
 import collections
-import contextlib
 import functools
 import http.client
 import json
 import shutil
 import urllib.request
-from pathlib import Path
 
-from cli import fail
+from cli import fail, output_folder
 from fileformats import atomic_write
 from prepro.gpt2_tokenizer import gpt2_encoding
 
@@ -35,22 +33,6 @@ def local_copy(url, path, timeout=10):
         except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors too
             fail(f"could not download {url} ({e}); give a local copy with --source")
     return path
-
-
-@contextlib.contextmanager
-def output_folder(folder):
-    """folder, made (with its parents) if missing; a block that fails before putting anything in the
-    folders made here removes them again, so a failed run leaves no empty folder behind."""
-    folder = Path(folder)
-    made = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        yield folder
-    except BaseException:
-        for f in made:
-            with contextlib.suppress(OSError):  # one that is not empty stays
-                f.rmdir()
-        raise
 
 
 @functools.cache

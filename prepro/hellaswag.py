@@ -16,9 +16,9 @@ if __package__ in (None, ""):  # run as a file: the repository root on the path,
 
 from pathlib import Path
 
-from cli import ArgumentParser, fail, run
+from cli import ArgumentParser, fail, output_folder, run
 from fileformats import HellaSwagExample, write_hellaswag
-from prepro.common import SourceError, jsonl_records, load_encoding, local_copy, output_folder
+from prepro.common import SourceError, jsonl_records, load_encoding, local_copy
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 

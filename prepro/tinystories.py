@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import ArgumentParser, fail, run
+from cli import ArgumentParser, fail, output_folder, run
 from fileformats import write_shard
-from prepro.common import load_encoding, local_copy, ordered_map, output_folder
+from prepro.common import load_encoding, local_copy, one_line, ordered_map
 from prepro.gpt2_tokenizer import EOT
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
@@ -87,7 +87,7 @@ def prepare(data_dir, source=None, url=URL, processes=None):
                     parts.append(result)
                 outputs[split] = np.concatenate(parts)
     except (OSError, tarfile.TarError, EOFError) as e:
-        fail(f"{source}: not a readable tar.gz archive ({' '.join(str(e).split())})")
+        fail(f"{source}: not a readable tar.gz archive ({one_line(e)})")
     # both written only once both are tokenized: a bad file anywhere leaves neither (nor their folder)
     with output_folder(folder):
         for split, tokens in outputs.items():

