@@ -145,14 +145,30 @@ def test_zero1_keeps_an_eighth_of_the_optimizer_state_per_rank_at_8_ranks(descri
 @pytest.fixture(scope="module")
 def same_tokens(data, tmp_path_factory):
     """The SAME_TOKENS run on 1 process (grad accumulation 4), and on 2 and 4 (built-in launcher)
-    with -z 0 and -z 1: {(processes, zero): (stdout, run dir)}."""
+    with -z 0 and -z 1: {(processes, zero): (stdout, run dir)}; and under "split", one process
+    with -b 1 (grad accumulation 8), the control for test_several_processes_train_as_one."""
     cwd = tmp_path_factory.mktemp("same_tokens")
     runs = {}
     for nproc, zero in [(1, 0), (2, 0), (2, 1), (4, 0), (4, 1)]:
         out = f"log_{nproc}_{zero}"
         result = train(*SAME_TOKENS, *data, "-pn", str(nproc), "-z", str(zero), "-o", out, cwd=cwd)
         runs[nproc, zero] = (result.stdout, cwd / out)
+    result = train(*SAME_TOKENS, *data, "-b", "1", "-o", "log_split", cwd=cwd)
+    runs["split"] = (result.stdout, cwd / "log_split")
     return runs
+
+
+def parameter_gaps(run_dir, reference_dir):
+    """|parameters - reference's| after the SAME_TOKENS run, without the key bias: its gradient is
+    zero but for rounding (softmax ignores a constant added to a row's scores), so there AdamW's
+    m / sqrt(v) is noise and two runs agree only to the largest movement, lr * steps (checked
+    apart). Returns (the gaps elsewhere, the key bias's gaps)."""
+    config, ours = read_model(run_dir / "model_00000006.bin")
+    _, reference = read_model(reference_dir / "model_00000006.bin")
+    key_bias = np.zeros(ours.size, dtype=bool)
+    gpt.carve(key_bias, param_shapes(config))["qkvb"][:, config.channels:2 * config.channels] = True
+    diff = np.abs(ours - reference)
+    return diff[~key_bias], diff[key_bias]
 
 
 @pytest.mark.parametrize("nproc, zero", [(2, 0), (2, 1), (4, 0), (4, 1)])
@@ -164,19 +180,20 @@ def test_several_processes_train_as_one_with_the_same_total_batch(same_tokens, n
     np.testing.assert_allclose(losses(stdout), losses(one_stdout), rtol=2e-6)
     norms = [float(line.split("| norm ")[1].split()[0]) for line in step_lines(one_stdout)]
     assert max(norms) > gpt.GRAD_CLIP  # the clip took part
-    config, ours = read_model(run_dir / "model_00000006.bin")
-    _, reference = read_model(one_dir / "model_00000006.bin")
-    # The sums over ranks round differently from one rank's, and AdamW's m / sqrt(v) magnifies a
-    # gradient's relative error where the gradient is near zero. The key bias's gradient is zero but
-    # for rounding (softmax ignores a constant added to a row's scores): there m / sqrt(v) is noise
-    # and the runs agree only to the largest possible movement, lr * steps. Everywhere else almost
-    # every parameter agrees to 1e-6 and none is off by more than 1e-5, a 6000th of lr * steps.
-    key_bias = np.zeros(ours.size, dtype=bool)
-    gpt.carve(key_bias, param_shapes(config))["qkvb"][:, config.channels:2 * config.channels] = True
-    diff = np.abs(ours - reference)
-    assert diff[~key_bias].max() <= 1e-5
-    assert np.mean(diff[~key_bias] <= 1e-6) > 0.9999
-    assert diff[key_bias].max() <= 1e-2 * 6
+    # The sums over ranks round differently from one rank's, and AdamW magnifies a gradient's
+    # rounding where the gradient is small: how far that goes depends on the BLAS kernels' order of
+    # summation, so on the machine. The yardstick is measured here, on the same machine: one
+    # process splitting the same batch into -b 1 micro-steps instead of -b 2, which changes nothing
+    # but the order of the sums. Several processes must stay as close to one as that (a wrong
+    # shard, offset or average moves every parameter by up to lr per step, about 1e-2).
+    gaps, key_gaps = parameter_gaps(run_dir, one_dir)
+    split_gaps, _ = parameter_gaps(same_tokens["split"][1], one_dir)
+    assert split_gaps.max() > 0  # the yardstick measured some rounding at all
+    for q in (0.99, 0.9999, 1.0):
+        assert np.quantile(gaps, q) <= 2 * np.quantile(split_gaps, q), (q, np.quantile(gaps, q),
+                                                                        np.quantile(split_gaps, q))
+    assert np.mean(gaps <= 1e-6) > 0.99
+    assert key_gaps.max() <= 1e-2 * 6
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
