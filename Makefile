@@ -45,10 +45,11 @@ data/gpt2_124M_debug_state.bin: data/gpt2_124M.bin | $(VENV)/.test
 test_gpt2: data/gpt2_124M_debug_state.bin
 	$(PY) dev/test_gpt2.py -e data/gpt2_124M.bin -s data/gpt2_124M_debug_state.bin --device $(or $(DEVICE),auto)
 
-# every kernels/*.cu through nvcc for Ampere (sm_80) and Hopper (sm_90a), warnings as errors; the
-# cubins are cached in kernels/build/, where the CUDA backend finds them (needs nvcc, no GPU)
+# every kernels/*.cu through nvcc for Ampere (sm_80) and Hopper (sm_90a), and through the C++
+# compiler for the emulated device, warnings as errors; cached in kernels/build/, where the CUDA
+# backend finds them (needs nvcc and a C++ compiler, no GPU)
 kernels:
-	$(PYTHON) -m kernels sm_80 sm_90a
+	$(PYTHON) -m kernels sm_80 sm_90a emulated
 
 # on a GPU machine with CUDA PyTorch and requirements-gpu.txt: each kernel beside its PyTorch
 # counterpart at GPT-2 124M shapes, then whole training steps of GPT-2 124M beside PyTorch's;

@@ -400,8 +400,8 @@ class Nccl(Solo):
         import cupy
         from cupy.cuda import nccl
         self.cupy = cupy
-        blob = bytes(b & 0xFF for b in nccl.get_unique_id()) if process.rank == 0 else b""
-        unique_id = tuple(b - 256 if b > 127 else b for b in exchange(process, meeting, blob, timeout))
+        # CuPy 14's binding gives and takes the id as bytes (older ones, a tuple of ints)
+        unique_id = exchange(process, meeting, nccl.get_unique_id() if process.rank == 0 else b"", timeout)
         self.comm = nccl.NcclCommunicator(process.world_size, unique_id, process.rank)
         self._host_sum = cupy.zeros(8, dtype=cupy.float64)
 

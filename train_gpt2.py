@@ -6,7 +6,8 @@ moments (and fp32 master weights where the parameters are bf16). Every tensor is
 buffers; nothing is allocated per step but the temporaries inside a kernel.
 
 Each layer is a kernel call on the backend that select_backend picks: kernels/cuda.py (the CUDA
-kernels, bf16) or kernels/reference.py (their NumPy twins, fp32, the same signatures). The flags
+kernels, bf16, on the GPU or on the emulated device, which runs them on the CPU to check them) or
+kernels/reference.py (their NumPy twins, fp32, the same signatures: kernels/backend.py). The flags
 are llm.c's (see --help), plus --device.
 
     python -m prepro.tinyshakespeare                        # the default data, and data/gpt2_tokenizer.bin
@@ -33,7 +34,7 @@ from fileformats import (FormatError, GPT2Config, OptimizerState, atomic_write, 
                          write_state)
 import distributed
 from distributed import shard_size
-from kernels import BuildError, cuda_unavailable, reference
+from kernels import BuildError, cuda_backend, cuda_unavailable, reference
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -55,6 +56,7 @@ TRAIN_DATA = "data/tinyshakespeare/tiny_shakespeare_train.bin"  # written by pyt
 VAL_DATA = "data/tinyshakespeare/tiny_shakespeare_val.bin"
 TOKENIZER = "data/gpt2_tokenizer.bin"                           # decodes the samples
 HELLASWAG = "data/hellaswag/hellaswag_val.bin"                  # llm.c's dev/data/hellaswag.py writes this format
+DEVICES = ("auto", "cpu", "cuda", "emulated")  # --device, here and in the dev/ scripts that run the model
 
 # bf16 dense tensor-core peaks (FLOP/s) that MFU is measured against: the first name the device's contains
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12))
@@ -160,7 +162,7 @@ def optimizer_range(num_params, world_size, rank, zero_stage):
 
 
 class GPT2:
-    """A GPT-2 on backend K (kernels.reference or kernels.cuda) over flat buffers: parameters and
+    """A GPT-2 on backend K (kernels.reference, or kernels.cuda's on a device) over flat buffers: parameters and
     gradients in K's float, fp32 AdamW m and v, fp32 master weights where the parameters are bf16
     (unless master_weights is off, -w 0), and the activations of (B, T). params: the fp32 host
     values to start from (on the GPU: rounded to bf16 for the parameters, kept whole as master).
@@ -387,16 +389,17 @@ def gradients(model, comm, loader, grad_accum_steps):
     comm.reduce_scatter(model.grads)  # this rank's shard now holds the gradients summed over ranks
     if model.zero_stage == 0:
         comm.all_gather(model.grads)  # and every rank all of them: each updates the whole model
-    # only now, at the step's end, does the host wait for the GPU: for the loss and the squared norm,
-    # each summed over ranks
-    loss, norm_squared = comm.sum([float(loss), grad_norm(model) ** 2])
+    # only now, at the step's end, does the host wait for the device: for the loss and this rank's
+    # part of the norm, in one copy; then each is summed over ranks
+    loss, norm = model.K.scalars(loss, grad_norm(model))
+    loss, norm_squared = comm.sum([loss, norm ** 2])
     return loss / comm.world_size, math.sqrt(norm_squared)
 
 
 def grad_norm(model):
-    """The norm of this rank's shard of the gradients (all of them, with one process). The global
-    norm is the root of the ranks' squares summed; every rank, -z 0 or 1, takes its part from the
-    same shard, so both give the same bits."""
+    """The norm of this rank's shard of the gradients (all of them, with one process), a scalar on
+    the backend. The global norm is the root of the ranks' squares summed; every rank, -z 0 or 1,
+    takes its part from the same shard, so both give the same bits."""
     return model.K.global_norm(model.grad_shard)
 
 
@@ -731,8 +734,9 @@ def parse_args(argv):
                                            "or fewer where B*T or the model's maximum sequence length is smaller)")
     add("-h", type=int, default=0, choices=(0, 1), help=f"1: HellaSwag accuracy with the val loss ({HELLASWAG})")
     add("-a", type=int, default=0, choices=(0, 1), help="1: overfit the first batch (no shuffling)")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cuda: the CUDA kernels (bf16), cpu: "
-        "the NumPy twins (fp32), auto: cuda when a GPU is usable, else cpu (default: %(default)s)")
+    add("--device", default="auto", choices=DEVICES, help="cuda: the CUDA kernels "
+        "(bf16), cpu: the NumPy twins (fp32), auto: cuda when a GPU is usable, else cpu; emulated: the CUDA kernels "
+        "run on the CPU, slowly, to check them without a GPU (default: %(default)s)")
     add("-w", type=int, default=1, choices=(0, 1), help="keep fp32 master weights (GPU; the CPU is fp32 already)")
     add("-ge", type=int, default=-1, choices=(-1, 0, 1, 2), help="GELU fused into the matmuls: 0 none, 1 forward, "
                                                                 "2 forward+backward (-1: 2 on sm90 and newer, else 0)")
@@ -781,23 +785,29 @@ def check_args(args):
 
 
 def select_backend(device, local_rank=0):
-    """The one place that chooses the kernels: kernels.cuda (bf16 on the GPU local_rank) or
-    kernels.reference (the NumPy twins, fp32). --device auto takes CUDA when it can run and says
-    why not otherwise."""
+    """The one place that chooses the kernels: the CUDA kernels (kernels.cuda, bf16) on the GPU
+    local_rank or on the emulated device, or kernels.reference (the NumPy twins, fp32). --device
+    auto takes CUDA when it can run and says why not otherwise."""
     if device == "cpu":
         return reference
+    if device == "emulated":
+        print("--device emulated: the CUDA kernels run on the emulated device, on the CPU: slowly (seconds a step "
+              "for d1), to check the CUDA code path without a GPU; its results are emulated, not a GPU's")
+        try:
+            return cuda_backend("emulated")
+        except BuildError as e:
+            fail(f"--device emulated: the kernels did not build for the emulated device: {e}")
     reason = cuda_unavailable()
     if reason is None:
         import cupy
         if local_rank >= cupy.cuda.runtime.getDeviceCount():
             fail(f"local rank {local_rank} has no GPU: this node has {cupy.cuda.runtime.getDeviceCount()}; "
                  f"start at most that many processes per node (a smaller -pn, or -pg with -pr)")
-        cupy.cuda.Device(local_rank).use()  # before kernels.cuda loads its modules on the current device
+        cupy.cuda.Device(local_rank).use()  # before the GPU's kernels load their modules on the current device
         try:
-            from kernels import cuda
+            return cuda_backend("gpu")
         except BuildError as e:
             fail(f"--device {device}: the CUDA kernels did not build: {e}")
-        return cuda
     if device == "cuda":
         fail(f"--device cuda: {reason}; use --device cpu for the NumPy backend")
     print(f"--device auto: {reason}, so the NumPy backend runs on the CPU")
@@ -810,6 +820,8 @@ def main(argv=None):
     check_args(args)
     process = distributed.identify(args.pn, args.pr, args.pg)
     B, T, nproc = args.b, args.t, args.pn if process is None else process.world_size
+    if args.device == "emulated" and nproc > 1:
+        fail(f"--device emulated -pn {nproc}: the emulated device runs one process; use --device cpu for several")
     if args.d != -1 and (args.d <= 0 or args.d % (B * T * nproc)):
         fail(f"-d {args.d}: the total batch must be a multiple of B*T*processes = {B * T * nproc}")
     if process is None:  # -pn N, and nothing gave this process a rank: it starts the N ranks itself

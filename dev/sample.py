@@ -37,7 +37,7 @@ def parse_args(argv):
     add("--top-k", type=int, default=0, help="draw among the k most likely tokens only (default: 0, all)")
     add("--seed", type=int, default=1337, help="seed of the draws: the same seed gives the same text "
                                                "(default: %(default)s)")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="as train_gpt2.py's (default: %(default)s)")
+    add("--device", default="auto", choices=gpt.DEVICES, help="as train_gpt2.py's (default: %(default)s)")
     add("--no-cache", action="store_true", help="recompute the whole prefix for every token (as llm.c does; "
                                                 "--bench times both ways)")
     add("--bench", action="store_true", help="generate -g tokens with the KV cache, then recomputing the prefix, "

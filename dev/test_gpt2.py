@@ -29,7 +29,7 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-e", default="data/gpt2_124M.bin", help="model file (default: %(default)s)")
     parser.add_argument("-s", default="data/gpt2_124M_debug_state.bin", help="debug state (default: %(default)s)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    parser.add_argument("--device", default="auto", choices=gpt.DEVICES,
                         help="as train_gpt2.py's (default: %(default)s)")
     return parser.parse_args(argv)
 

@@ -1,5 +1,5 @@
 // AdamW over a flat slice of the parameters, with fp32 master weights and stochastic rounding into
-// the bf16 params; plus the bf16 <-> fp32 conversions that set the master weights up.
+// the bf16 params.
 //
 // Layout: N elements, one thread each: params and grads bf16; m, v and (optionally) master fp32.
 // With master weights, the fp32 value updated is master's and params only receive its rounding;
@@ -83,14 +83,4 @@ extern "C" __global__ void adamw_kernel(bf16* params, const bf16* grads, float* 
                                         unsigned long long seed, long long offset) {
     adamw_step<false>(params, grads, m, v, nullptr, n, beta1, one_minus_beta1, beta2, one_minus_beta2, v_hat_scale,
                       eps, decay, step_size, grad_scale, seed, offset);
-}
-
-extern "C" __global__ void bf16_to_float_kernel(float* out, const bf16* inp, long long n) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = __bfloat162float(inp[i]);
-}
-
-extern "C" __global__ void float_to_bf16_kernel(bf16* out, const float* inp, long long n) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = __float2bfloat16_rn(inp[i]);
 }

@@ -21,10 +21,10 @@
 // 64 x 64 bf16 tiles, rows padded to 72 elements so that fragment loads hit 32 distinct banks.
 #include "common.cuh"
 
-constexpr int HS = 64;            // head size: every GPT-2 size has C / NH = 64
-constexpr int TILE = 64;          // rows per tile, query and key alike
-constexpr int LD = HS + 8;        // shared-memory row stride (elements)
-constexpr int THREADS = 128;      // 4 warps x 16 rows = one tile
+constexpr int HS = ATTENTION_HEAD_SIZE;  // head size (shapes.cuh)
+constexpr int TILE = ATTENTION_TILE;     // rows per tile, query and key alike
+constexpr int LD = HS + 8;               // shared-memory row stride (elements)
+constexpr int THREADS = ATTENTION_THREADS;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 constexpr float SCALE = 0.125f;   // 1 / sqrt(HS)
@@ -70,13 +70,6 @@ __device__ __forceinline__ void load_row_stats(float* sD, float* sL, const bf16*
 // c[2..3] = C[g+8][2c, 2c+1]. Two adjacent C tiles (columns 16s..16s+15) are thereby exactly the
 // A fragment of k-step s, which is how a probability tile feeds the next product from registers.
 
-__device__ __forceinline__ void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -120,7 +113,7 @@ __device__ __forceinline__ void mma_rows_by_tile(float acc[8][4], const uint32_t
         for (int s = 0; s < 4; s++) {
             uint32_t b[2];
             load_b_rows_are_n(b, tile, n * 8, s * 16);
-            mma(acc[n], a[s], b);
+            mma_m16n8k16_bf16(acc[n], a[s], b);
         }
 }
 
@@ -134,7 +127,7 @@ __device__ __forceinline__ void mma_probs_by_tile(float acc[8][4], const float p
         for (int n = 0; n < 8; n++) {
             uint32_t b[2];
             load_b_rows_are_k(b, tile, s * 16, n * 8);
-            mma(acc[n], a, b);
+            mma_m16n8k16_bf16(acc[n], a, b);
         }
     }
 }

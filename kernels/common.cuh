@@ -1,12 +1,18 @@
 // What every kernel file shares: the bf16 type, 16-byte packed loads and stores, warp and block
-// reductions.
+// reductions, the tensor-core product.
 //
 // Precision: bf16 in memory (CuPy holds it as uint16), fp32 in registers and in every sum.
 // Determinism: each reduction here adds in a fixed order fixed by the launch shape, never with
 // atomics, so the same inputs give the same bits on every run.
 #pragma once
+#ifdef CUDA_EMULATED  // the emulated device: these sources compiled for the CPU (kernels/emulator/)
+#include "emulator/cuda_on_cpu.h"
+#else
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
+
+#include "shapes.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -48,4 +54,18 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
     x = warp_sum(x);
     __syncthreads();
     return x;
+}
+
+// c (16 x 8, fp32) += a (16 x 16) . b (16 x 8), bf16 operands: mma.sync m16n8k16, one instruction
+// for the whole warp, each lane holding its fragments of a, b and c (the PTX ISA's layouts, spelled
+// out in kernels/emulator/runtime.cpp, where the emulated device builds the same product).
+__device__ __forceinline__ void mma_m16n8k16_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef CUDA_EMULATED
+    emulated::mma_m16n8k16_bf16(c, a, b);
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }

@@ -18,7 +18,7 @@
 // returns at once; x walks the row's chunks 32 at a time, y is the row lane.
 #include "common.cuh"
 
-constexpr int ROWS = 16;  // row lanes per dwte block: a long run is read 16 rows at a time
+constexpr int ROWS = ENCODER_WTE_LANES;  // row lanes per dwte block: a long run is read 16 rows at a time
 
 extern "C" __global__ void encoder_forward(bf16* out, const int* inp, const bf16* wte, const bf16* wpe,
                                            int N, int T, int C) {

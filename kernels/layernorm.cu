@@ -1,4 +1,4 @@
-// LayerNorm (forward and backward), the residual add, and the two fused into one pass.
+// LayerNorm (forward and backward), and the residual add fused with the layernorm that follows it.
 //
 // Layout: rows of C channels, (B, T, C) bf16 seen as N = B*T rows; weight, bias, dweight, dbias
 // (C) bf16; mean and rstd (N) fp32, saved by the forward for the backward. C is a multiple of 8
@@ -89,16 +89,6 @@ extern "C" __global__ void fused_residual_forward(bf16* residual, bf16* normed, 
     }
     sum = warp_sum(sum);
     normalize_row(normed + offset, mean, rstd, residual + offset, weight, bias, sum, C, row, lane);
-}
-
-// out = inp1 + inp2 over N8 chunks of 8.
-extern "C" __global__ void residual_forward(bf16* out, const bf16* inp1, const bf16* inp2, int N8) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N8) return;
-    const bf16x8 a = load8_stream(inp1 + (size_t)i * 8), b = load8_stream(inp2 + (size_t)i * 8);
-    bf16x8 o;
-    for (int k = 0; k < 8; k++) o.v[k] = __float2bfloat16(__bfloat162float(a.v[k]) + __bfloat162float(b.v[k]));
-    store8(out + (size_t)i * 8, o);
 }
 
 // dinp += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, with norm = (inp - mean) * rstd

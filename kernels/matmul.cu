@@ -17,11 +17,9 @@
 //      slabs w, w+8, ...; warp 0 adds the 8 sums in warp order and adds the total into dbias.
 #include "common.cuh"
 
-// Rows of dout per stage-1 block: MATMUL_DBIAS_ROWS_PER_SLAB in kernels/cuda.py must equal it.
-constexpr int DBIAS_ROWS_PER_SLAB = 64;
-constexpr int DBIAS_WARPS = 8;
+// DBIAS_ROWS_PER_SLAB, DBIAS_WARPS and DBIAS_STRIP are in shapes.cuh (kernels/cuda.py launches with them)
 constexpr int DBIAS_ROWS_PER_WARP = DBIAS_ROWS_PER_SLAB / DBIAS_WARPS;
-constexpr int DBIAS_STRIP = 32 * 8;  // columns per stage-1 block: 32 lanes x 8 columns
+static_assert(DBIAS_STRIP == 32 * 8, "a stage-1 block is 32 lanes of 8 columns");
 
 extern "C" __global__ void __launch_bounds__(32 * DBIAS_WARPS)
 matmul_dbias_partials(float* partials, const bf16* dout, int BT, int OC) {

@@ -1,7 +1,7 @@
 """NumPy twins of the CUDA kernels: the CPU backend and the definition of what each kernel computes.
 
-Every function here has the signature its CUDA kernel shares (kernels/cuda.py): outputs first,
-then inputs, all of them arrays the caller owns (views into the flat parameter, gradient and
+Every function here has the signature its CUDA kernel shares (kernels/cuda.py; both offer
+kernels/backend.py's interface): outputs first, then inputs, all of them arrays the caller owns (views into the flat parameter, gradient and
 activation buffers). Nothing is returned except scalars (norms). Everything is float32.
 
 Conventions, the same on both backends:
@@ -62,14 +62,10 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
              - norm * (dnorm * norm).mean(axis=-1, keepdims=True)) * rstd[..., None]
 
 
-def residual_forward(out, inp1, inp2):
-    """out = inp1 + inp2 (the residual connection)."""
-    np.add(inp1, inp2, out=out)
-
-
 def fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bias):
-    """residual = inp1 + inp2, then normed = layernorm(residual): one pass over memory on the GPU."""
-    residual_forward(residual, inp1, inp2)
+    """residual = inp1 + inp2 (the residual connection), then normed = layernorm(residual): one
+    pass over memory on the GPU."""
+    np.add(inp1, inp2, out=residual)
     layernorm_forward(normed, mean, rstd, residual, weight, bias)
 
 
@@ -230,7 +226,9 @@ def global_norm(grads):
 
 
 def clip_scale(norm, max_norm):
-    """The factor the gradients are multiplied by in the update: llm.c's rule, no epsilon."""
+    """The factor the gradients are multiplied by in the update: llm.c's rule, no epsilon. norm is
+    a float or a backend's scalar (global_norm's), read here on the host."""
+    norm = float(norm)
     return max_norm / norm if norm > max_norm else 1.0
 
 
@@ -262,7 +260,7 @@ def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, g
 
 
 # ----------------------------------------------------------------------------- memory
-# kernels/cuda.py has the same four, over device memory
+# kernels/cuda.py has the same, over device memory
 
 def zeros(n, dtype):
     return np.zeros(n, dtype)
@@ -276,6 +274,11 @@ def upload(dst, src):
 def download(src):
     """src as a host array, fp32 (or int32 for tokens): src itself here."""
     return src
+
+
+def scalars(*values):
+    """The floats of scalars the kernels left (a loss, a norm): here they are on the host already."""
+    return tuple(float(v) for v in values)
 
 
 def synchronize():

@@ -51,7 +51,6 @@ encoder_forward = _on_fp32(reference.encoder_forward)
 encoder_backward = _on_fp32(reference.encoder_backward)
 layernorm_forward = _on_fp32(reference.layernorm_forward)
 layernorm_backward = _on_fp32(reference.layernorm_backward)
-residual_forward = _on_fp32(reference.residual_forward)
 fused_residual_forward = _on_fp32(reference.fused_residual_forward)
 gelu_forward = _on_fp32(reference.gelu_forward)
 gelu_backward = _on_fp32(reference.gelu_backward)
@@ -72,7 +71,8 @@ def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, g
     params[...] = to_bf16(weights)
 
 
-zeros = np.zeros
+def zeros(n, dtype):
+    return np.zeros(n, dtype)
 
 
 def upload(dst, src):
@@ -81,6 +81,9 @@ def upload(dst, src):
 
 def download(src):
     return to_f32(src) if src.dtype == FLOAT else src.copy()
+
+
+scalars = reference.scalars
 
 
 def synchronize():

@@ -1,32 +1,23 @@
 """The fused classifier, AdamW (with stochastic rounding) and global-norm kernels against their
-NumPy twins, on a GPU. Each test states its tolerance and why."""
+NumPy twins, on the emulated device (small shapes) and on a GPU. Each test states its tolerance and
+why."""
 import ml_dtypes
 import numpy as np
 import pytest
 
-from cuda_testing import BF16_POISON, bf16_round, poisoned_bf16, poisoned_f32, randn, requires_gpu, to_gpu_bf16
+from cuda_testing import (backend, bf16_round, cases, devices, host, on_device, poisoned_bf16, poisoned_f32, randn,
+                          to_bf16)
 from kernels import reference
-
-pytestmark = requires_gpu
-
-
-@pytest.fixture(scope="module")
-def K():
-    from kernels import cuda
-    return cuda
 
 
 # ----------------------------------------------------------------------------- classifier
 
-CLASSIFIER_SHAPES = [  # (B, T, V, Vp, offset): GPT-2's vocab, small ones, V at the start of a
-    (4, 1, 50257, 50304, 0.0),   # bf16x8 vector (129) or at its end (1000), no padding at all (256)
-    (2, 37, 50257, 50304, 0.0),
-    (4, 64, 50257, 50304, 0.0),
-    (2, 37, 1000, 1024, 0.0),
-    (3, 1, 129, 256, 0.0),
-    (1, 5, 256, 256, 0.0),
-    (5, 3, 129, 256, 60.0),      # large logits: exp overflows unless the row max is subtracted first
-]
+CLASSIFIER_SHAPES = cases(  # (B, T, V, Vp, offset): GPT-2's vocab, small ones, V at the start of a bf16x8 vector
+    emulated=[                 # (129) or at its end (1000), no padding at all (256), large logits (60: exp
+        (1, 3, 50257, 50304, 0.0), (2, 5, 1000, 1024, 0.0), (3, 1, 129, 256, 0.0),  # overflows unless the
+        (1, 5, 256, 256, 0.0), (5, 3, 129, 256, 60.0)],                              # row max goes first)
+    gpu=[(4, 1, 50257, 50304, 0.0), (2, 37, 50257, 50304, 0.0), (4, 64, 50257, 50304, 0.0), (2, 37, 1000, 1024, 0.0),
+         (3, 1, 129, 256, 0.0), (1, 5, 256, 256, 0.0), (5, 3, 129, 256, 60.0)])
 
 
 def classifier_inputs(B, T, V, Vp, offset, seed):
@@ -52,30 +43,30 @@ def classifier_twin(logits, targets, V, dloss, write_dlogits):
 LOSS_ATOL = 1e-4
 
 
-@pytest.mark.parametrize("B,T,V,Vp,offset", CLASSIFIER_SHAPES)
-def test_classifier_losses_only_leave_logits_untouched(K, B, T, V, Vp, offset):
-    import cupy as cp
+@pytest.mark.parametrize("device,shape", CLASSIFIER_SHAPES)
+def test_classifier_losses_only_leave_logits_untouched(device, shape):
+    K, (B, T, V, Vp, offset) = backend(device), shape
     logits, targets = classifier_inputs(B, T, V, Vp, offset, seed=V + T)
-    gpu_logits = to_gpu_bf16(logits)
-    before = gpu_logits.get()
-    losses = poisoned_f32((B, T))
-    K.fused_classifier(gpu_logits, losses, cp.asarray(targets), V, 1.0 / (B * T), False)
-    np.testing.assert_array_equal(gpu_logits.get(), before)
+    dev_logits = to_bf16(K, logits)
+    before = host(K, dev_logits)
+    losses = poisoned_f32(K, (B, T))
+    K.fused_classifier(dev_logits, losses, on_device(K, targets), V, 1.0 / (B * T), False)
+    np.testing.assert_array_equal(host(K, dev_logits), before)
     _, losses_ref = classifier_twin(logits, targets, V, 1.0 / (B * T), False)
-    np.testing.assert_allclose(losses.get(), losses_ref, rtol=0, atol=LOSS_ATOL)
+    np.testing.assert_allclose(host(K, losses), losses_ref, rtol=0, atol=LOSS_ATOL)
 
 
-@pytest.mark.parametrize("B,T,V,Vp,offset", CLASSIFIER_SHAPES)
-def test_classifier_dlogits_match_twin_and_are_deterministic(K, B, T, V, Vp, offset):
-    import cupy as cp
+@pytest.mark.parametrize("device,shape", CLASSIFIER_SHAPES)
+def test_classifier_dlogits_match_twin_and_are_deterministic(device, shape):
+    K, (B, T, V, Vp, offset) = backend(device), shape
     logits, targets = classifier_inputs(B, T, V, Vp, offset, seed=3 * V + T)
     dloss = 1.0 / (B * T)
     runs = []
     for _ in range(2):
-        gpu_logits = to_gpu_bf16(logits)
-        losses = poisoned_f32((B, T))
-        K.fused_classifier(gpu_logits, losses, cp.asarray(targets), V, dloss, True)
-        runs.append((gpu_logits.get(), losses.get()))
+        dev_logits = to_bf16(K, logits)
+        losses = poisoned_f32(K, (B, T))
+        K.fused_classifier(dev_logits, losses, on_device(K, targets), V, dloss, True)
+        runs.append((host(K, dev_logits), host(K, losses)))
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
     dlogits_ref, losses_ref = classifier_twin(logits, targets, V, dloss, True)
@@ -118,14 +109,13 @@ def twin_step(params, grads, m, v, weight_decay, **hyper):
 def run_adamw(K, grads, m, v, master, params, weight_decay, seed, **hyper):
     """One kernel step from host arrays (params as bf16 bits, None means poisoned: the master path
     must not read them); returns params bits, and m, v, master on the host."""
-    import cupy as cp
     n = grads.size
-    gpu_params = poisoned_bf16(n) if params is None else cp.asarray(params)
-    gpu_m, gpu_v = cp.asarray(m), cp.asarray(v)
-    gpu_master = None if master is None else cp.asarray(master)
-    K.adamw(gpu_params, to_gpu_bf16(grads), gpu_m, gpu_v, gpu_master, T_STEP, weight_decay=weight_decay,
+    dev_params = poisoned_bf16(K, n) if params is None else on_device(K, params)
+    dev_m, dev_v = on_device(K, m), on_device(K, v)
+    dev_master = None if master is None else on_device(K, master)
+    K.adamw(dev_params, to_bf16(K, grads), dev_m, dev_v, dev_master, T_STEP, weight_decay=weight_decay,
             seed=seed, **{**HYPER, **hyper})
-    return (gpu_params.get(), gpu_m.get(), gpu_v.get(), None if master is None else gpu_master.get())
+    return host(K, dev_params), host(K, dev_m), host(K, dev_v), None if master is None else host(K, dev_master)
 
 
 def bf16_neighbours(x):
@@ -142,9 +132,13 @@ def assert_stochastically_rounded(params_bits, x):
     assert ok.all(), f"{(~ok).sum()} params are not a bf16 neighbour of their fp32 value"
 
 
-@pytest.mark.parametrize("n", [1, 512, 1237, 4099, (1 << 20) + 3])
+ADAMW_SIZES = cases(emulated=[1, 512, 1237, 70001], gpu=[1, 512, 1237, 4099, (1 << 20) + 3])
+
+
+@pytest.mark.parametrize("device,n", ADAMW_SIZES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_master_path_matches_twin(K, n, weight_decay):
+def test_adamw_master_path_matches_twin(device, n, weight_decay):
+    K = backend(device)
     grads, m, v, master = optimizer_state(n, seed=n + int(weight_decay * 10))
     runs = [run_adamw(K, grads, m, v, master, None, weight_decay, seed=1234) for _ in range(2)]
     for a, b in zip(*runs):
@@ -157,9 +151,10 @@ def test_adamw_master_path_matches_twin(K, n, weight_decay):
     assert_stochastically_rounded(params_bits, master_new)
 
 
-@pytest.mark.parametrize("n", [1, 1237, 4099, (1 << 20) + 3])
+@pytest.mark.parametrize("device,n", ADAMW_SIZES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_without_master_updates_bf16_params_like_twin(K, n, weight_decay):
+def test_adamw_without_master_updates_bf16_params_like_twin(device, n, weight_decay):
+    K = backend(device)
     grads, m, v, master = optimizer_state(n, seed=7 * n + int(weight_decay * 10))
     params = master.astype(ml_dtypes.bfloat16)
     params_bits, m_new, v_new, _ = run_adamw(K, grads, m, v, None, params.view(np.uint16), weight_decay, seed=99)
@@ -169,10 +164,12 @@ def test_adamw_without_master_updates_bf16_params_like_twin(K, n, weight_decay):
     assert_stochastically_rounded(params_bits, p_ref)
 
 
-def test_stochastic_rounding_is_unbiased(K):
+@pytest.mark.parametrize("device", devices())
+def test_stochastic_rounding_is_unbiased(device):
     """With lr = 0 the fp32 value stays as it is and params get its rounding alone. Values are
     built at known positions between two bf16 neighbours: half at 1/4 of the way, half at uniform
     random positions. The count of values rounded away from zero is binomial: we allow 6 sigma."""
+    K = backend(device)
     n = 1 << 20
     rng = np.random.default_rng(5)
     grads, m, v, _ = optimizer_state(n, seed=6)
@@ -203,7 +200,9 @@ def test_stochastic_rounding_is_unbiased(K):
     assert abs(err.mean()) < 6 * 0.5 / np.sqrt(n)
 
 
-def test_stochastic_rounding_depends_on_seed_and_index_only(K):
+@pytest.mark.parametrize("device", devices())
+def test_stochastic_rounding_depends_on_seed_and_index_only(device):
+    K = backend(device)
     n = (1 << 16) + 5
     grads, m, v, master = optimizer_state(n, seed=11)
     a = run_adamw(K, grads, m, v, master, None, 0.1, seed=1)[0]
@@ -223,23 +222,6 @@ def test_stochastic_rounding_depends_on_seed_and_index_only(K):
     assert (unshifted != a[k:]).mean() > 0.2  # so the offset is what keeps them
 
 
-def test_bf16_float_conversions(K):
-    import cupy as cp
-    rng = np.random.default_rng(3)
-    n = 4099
-    x = randn(rng, n)
-    out = poisoned_f32(n)
-    K.bf16_to_float(out, to_gpu_bf16(x))
-    np.testing.assert_array_equal(out.get(), x)
-    # fp32 values including exact ties between two bf16 (low half 0x8000), which go to the even one
-    bits = rng.standard_normal(n, dtype=np.float32).view(np.uint32).copy()
-    bits[::3] = (bits[::3] & 0xFFFF0000) | 0x8000
-    y = bits.view(np.float32)
-    out16 = cp.full(n, BF16_POISON, dtype=cp.uint16)
-    K.float_to_bf16(out16, cp.asarray(y))
-    np.testing.assert_array_equal(out16.get(), y.astype(ml_dtypes.bfloat16).view(np.uint16))
-
-
 # ----------------------------------------------------------------------------- global norm
 
 # fp32 sums of squares (a few hundred per thread, then a tree per block) before fp64: relative
@@ -247,14 +229,16 @@ def test_bf16_float_conversions(K):
 NORM_RTOL = 1e-5
 
 
-@pytest.mark.parametrize("n,offset", [(1, 0), (13, 3), (1000, 0), (1000, 5), (124_475_904, 0)])
-def test_global_norm_matches_twin_and_is_deterministic(K, n, offset):
+@pytest.mark.parametrize("device,case", cases(emulated=[(1, 0), (13, 3), (1000, 0), (1000, 5), (70001, 7)],
+                                                gpu=[(1, 0), (13, 3), (1000, 0), (1000, 5), (124_475_904, 0)]))
+def test_global_norm_matches_twin_and_is_deterministic(device, case):
     """offset: the buffer starts that many bf16 into an allocation, off the 16-byte boundary."""
-    import cupy as cp
+    K, (n, offset) = backend(device), case
     rng = np.random.default_rng(n + offset)
     g = (rng.standard_normal(n + offset, dtype=np.float32) * np.float32(1e-3)).astype(ml_dtypes.bfloat16)
-    gpu = cp.asarray(g.view(np.uint16))[offset:]
-    got = [K.global_norm(gpu) for _ in range(2)]
+    buffer = on_device(K, g.view(np.uint16))
+    assert K.device.pointer(buffer) % 16 == 0
+    got = [float(K.global_norm(buffer[offset:])) for _ in range(2)]
     assert got[0] == got[1]
     ref = reference.global_norm(g[offset:].astype(np.float32))
     assert abs(got[0] - ref) <= NORM_RTOL * ref, (got[0], ref)

@@ -93,3 +93,70 @@ def test_a_failed_build_leaves_no_empty_folder(kernel_dir):
     with pytest.raises(kernels.BuildError):
         kernels.build("sm_80a")
     assert sorted(p.name for p in (kernel_dir / "build").iterdir()) == ["sm_80"]
+
+
+def fake_compiler(path, version_text):
+    path.write_text(f"#!/bin/sh\ncat <<'END'\n{version_text}\nEND\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_the_cache_key_is_nvccs_release_not_its_build_date(tmp_path, kernel_dir):
+    """Cubins prepared on one machine (make gpu-prep) must be found on another whose nvcc is the
+    same release built on another day; another release is another key."""
+    versions = ["Cuda compilation tools, release 13.0, V13.0.88\nBuild cuda_13.0.r13.0/compiler.36424714_0",
+                "Cuda compilation tools, release 13.0, V13.0.88\nBuild cuda_13.0.r13.0/compiler.99999999_1",
+                "Cuda compilation tools, release 13.1, V13.1.12\nBuild cuda_13.1.r13.1/compiler.1_0"]
+    releases = [kernels.compiler_release(fake_compiler(tmp_path / f"nvcc{i}", v)) for i, v in enumerate(versions)]
+    assert releases[:2] == ["release 13.0"] * 2 and releases[2] == "release 13.1"
+    paths = [kernels.cached_path(kernel_dir / "twice.cu", "sm_90a", kernels.NVCC_FLAGS, r) for r in releases]
+    assert paths[0] == paths[1] != paths[2]
+    assert kernels.cached_path(kernel_dir / "twice.cu", "sm_90a", kernels.NVCC_FLAGS + ("-G",), releases[0]) != paths[0]
+
+
+# ----------------------------------------------------------------------------- the emulated device's build
+
+EMULATED_GOOD = ('#include "common.cuh"\nextern "C" __global__ void __launch_bounds__(32)\n'
+                 'twice(float* x) { x[threadIdx.x] *= 2.0f; }\n'
+                 'extern "C" __global__ void thrice(float* x, int n) { if ((int)threadIdx.x < n) x[threadIdx.x] *= 3; }\n')
+
+
+@pytest.fixture
+def emulated_dir(tmp_path, monkeypatch):
+    import shutil
+    for header in kernels.KERNEL_DIR.glob("*.cuh"):
+        shutil.copy(header, tmp_path)
+    shutil.copytree(kernels.KERNEL_DIR / "emulator", tmp_path / "emulator",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "twice.cu").write_text(EMULATED_GOOD)
+    monkeypatch.setattr(kernels, "KERNEL_DIR", tmp_path)
+    monkeypatch.setattr(kernels, "BUILD_DIR", tmp_path / "build")
+    return tmp_path
+
+
+def test_every_global_function_is_found_and_registered(emulated_dir):
+    assert kernels.kernel_names(emulated_dir / "twice.cu") == ["twice", "thrice"]
+    for source in sorted((REPO / "kernels").glob("*.cu")):  # the repository's: as many as __global__ appears
+        assert len(kernels.kernel_names(source)) == source.read_text().count("__global__"), source.name
+    import ctypes
+    library = ctypes.CDLL(str(kernels.build_emulated()["twice"]))
+    library.emulated_kernels.restype = ctypes.c_char_p
+    assert library.emulated_kernels() == b"twice,thrice"
+
+
+def test_the_emulated_build_caches_by_content_and_names_what_does_not_compile(emulated_dir):
+    first = kernels.build_emulated()["twice"]
+    assert first.parent == emulated_dir / "build" / "emulated" and first.suffix == ".so"
+    mtime = first.stat().st_mtime_ns
+    assert kernels.build_emulated()["twice"] == first and first.stat().st_mtime_ns == mtime
+    (emulated_dir / "emulator" / "runtime.cpp").write_text((emulated_dir / "emulator" / "runtime.cpp").read_text()
+                                                           + "\n// an edit\n")
+    second = kernels.build_emulated()["twice"]
+    assert second != first and not first.exists()  # the emulator is part of what makes a library
+    (emulated_dir / "broken.cu").write_text('extern "C" __global__ void f() { undeclared_name = 1; }\n')
+    with pytest.raises(kernels.BuildError, match=r"(?s)broken\.cu does not compile for emulated:\n.*undeclared_name"):
+        kernels.build_emulated()
+    (emulated_dir / "broken.cu").write_text('extern "C" __global__ void f(int* x) { int unused = 1; x[0] = 0; }\n')
+    with pytest.raises(kernels.BuildError, match="broken.cu does not compile for emulated"):
+        kernels.build_emulated(only={"broken"})  # warnings are errors here too
+    assert sorted(p.name for p in (emulated_dir / "build" / "emulated").iterdir()) == [second.name]
