@@ -5,8 +5,9 @@
 //
 // Scheduling: a block's threads start in a shuffled order, each running until it reaches a
 // synchronization point or returns; whatever those points release (a barrier all live threads
-// reached, a collective all 32 lanes of a warp reached) runs in the next round, again shuffled,
-// each thread until its next point. A block with threads left waiting and none to run is a
+// reached, a collective all 32 lanes of a warp reached) runs in a later round, again shuffled, each
+// thread until its next point; which warps run in a round is drawn (pick_round), so warps drift
+// apart. A block with threads left waiting and none to run is a
 // deadlock, reported with where each waits. The shuffles come from a seed the caller passes with
 // each launch, so a run repeats.
 //
@@ -112,8 +113,9 @@ struct Launch {
     std::vector<int> unstarted;       // threads not yet started, in the order they start
     size_t started = 0;               // how many of `unstarted` have
     std::vector<Warp> warps;
-    std::vector<int> round, next;     // threads to resume in this round, and in the next
+    std::vector<int> round, next;     // threads to resume in this round, and released for a later one
     size_t round_pos = 0;             // how many of `round` have had their turn
+    std::vector<int8_t> coins;        // pick_round's, per warp
     int live = 0, at_barrier = 0;
     Thread* current = nullptr;        // the thread running now, and its fiber
     Fiber* fiber = nullptr;
@@ -288,6 +290,26 @@ void deadlock(uint3 block) {
     launch.error = std::string(head) + "threads wait where the others never come: " + waits;
 }
 
+// The threads to resume in this round: each warp's released threads run now or wait for a later
+// round, on a coin toss per warp (and at least one warp runs), so that warps drift apart by many
+// synchronization points, as on the device, where they run at their own pace. Without that, every
+// warp would pass one collective per round in step with the others, hiding a missing barrier.
+void pick_round() {
+    std::vector<int8_t>& coin = launch.coins;
+    coin.assign(launch.warps.size(), -1);
+    launch.round.clear();
+    size_t kept = 0;
+    for (int t : launch.next) {
+        int8_t& c = coin[launch.threads[t].warp];
+        if (c < 0) c = int8_t(next_random() & 1);
+        if (c) launch.round.push_back(t);
+        else launch.next[kept++] = t;
+    }
+    launch.next.resize(kept);
+    if (launch.round.empty()) launch.round.swap(launch.next);
+    shuffle(launch.round);
+}
+
 void run_block(uint3 block) {
     block_idx = block;
     if (__start_emulated_shared != nullptr) memset(__start_emulated_shared, 0xff, __stop_emulated_shared - __start_emulated_shared);
@@ -321,9 +343,7 @@ void run_block(uint3 block) {
     }
     while (launch.live > 0) {
         if (launch.next.empty()) return deadlock(block);
-        launch.round.swap(launch.next);
-        launch.next.clear();
-        shuffle(launch.round);
+        pick_round();
         Thread& first = launch.threads[launch.round[0]];
         launch.round_pos = 1;
         launch.current = &first;
