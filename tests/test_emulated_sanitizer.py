@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import kernels
+from cuda_testing import kernel_folder
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ["tests/test_cuda_layers.py", "tests/test_cuda_attention.py", "tests/test_cuda_matmul.py",
@@ -73,14 +74,7 @@ print("ran", case)
 
 @pytest.fixture(scope="module")
 def fault_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    for header in kernels.KERNEL_DIR.glob("*.cuh"):
-        (root / header.name).write_bytes(header.read_bytes())
-    (root / "emulator").mkdir()
-    for part in (kernels.KERNEL_DIR / "emulator").glob("*.[hc]*"):
-        (root / "emulator" / part.name).write_bytes(part.read_bytes())
-    (root / "faults.cu").write_text(FAULTS)
-    return root
+    return kernel_folder(tmp_path_factory.mktemp("faults"), faults=FAULTS)
 
 
 @pytest.mark.parametrize("case, report", [("in bounds", None), ("out of bounds", "heap-buffer-overflow"),

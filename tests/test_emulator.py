@@ -10,14 +10,11 @@ and catches what a GPU would get wrong silently, each shown on a small kernel wr
 - a warp whose lanes meet at different places (a barrier and a shuffle: a hang on the GPU, or
   worse), a lane that returns while the others wait at a shuffle, launch shapes the device refuses
   and arguments the kernel does not take are each refused with the reason."""
-import shutil
-
 import numpy as np
 import pytest
 
 import kernels
-from cuda_testing import on_gpu
-from kernels import KERNEL_DIR
+from cuda_testing import kernel_folder, on_gpu
 
 PROBES = r'''
 #include "common.cuh"
@@ -90,12 +87,7 @@ extern "C" __global__ void scale(float* x, int n, float factor) {
 @pytest.fixture(scope="module")
 def probe_dir(tmp_path_factory):
     """A kernel folder holding the repository's headers and emulator, and probes.cu."""
-    root = tmp_path_factory.mktemp("probes")
-    for header in KERNEL_DIR.glob("*.cuh"):
-        shutil.copy(header, root)
-    shutil.copytree(KERNEL_DIR / "emulator", root / "emulator", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "probes.cu").write_text(PROBES)
-    return root
+    return kernel_folder(tmp_path_factory.mktemp("probes"), probes=PROBES)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import kernels
+from cuda_testing import kernel_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,12 +124,7 @@ EMULATED_GOOD = ('#include "common.cuh"\nextern "C" __global__ void __launch_bou
 
 @pytest.fixture
 def emulated_dir(tmp_path, monkeypatch):
-    import shutil
-    for header in kernels.KERNEL_DIR.glob("*.cuh"):
-        shutil.copy(header, tmp_path)
-    shutil.copytree(kernels.KERNEL_DIR / "emulator", tmp_path / "emulator",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "twice.cu").write_text(EMULATED_GOOD)
+    kernel_folder(tmp_path, twice=EMULATED_GOOD)
     monkeypatch.setattr(kernels, "KERNEL_DIR", tmp_path)
     monkeypatch.setattr(kernels, "BUILD_DIR", tmp_path / "build")
     return tmp_path
