@@ -14,13 +14,9 @@ are llm.c's (see --help), plus --device.
     python train_gpt2.py -e d6 -b 4 -t 128 -x 400 -n 100 -o log_d6 -y 1  # go on from its last checkpoint
 """
 import codecs
-import contextlib
-import glob
 import math
 import os
-import re
 import resource
-import signal
 import sys
 import time
 
@@ -28,12 +24,13 @@ import numpy as np
 
 from cli import ArgumentParser, fail, run
 from dataloader import DataLoader, mt19937
-from fileformats import (FormatError, GPT2Config, OptimizerState, atomic_write, num_parameters, param_shapes,
-                         read_hellaswag, read_model, read_state, read_tokenizer, state_fits, write_model,
-                         write_state)
+from fileformats import (FormatError, GPT2Config, OptimizerState, num_parameters, param_shapes, read_hellaswag,
+                         read_model, read_tokenizer, write_model)
 import distributed
-from distributed import shard_size
+from distributed import optimizer_range, shard_size
 from kernels import BuildError, cuda_unavailable, reference
+import launcher
+import rundir
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -148,15 +145,6 @@ def carve(buffer, shapes):
 def layer(activation, l):
     """Layer l's slice of a per-layer activation; one that -r recomputes has a single slice for all."""
     return activation[l if activation.shape[0] > 1 else 0]
-
-
-def optimizer_range(num_params, world_size, rank, zero_stage):
-    """The elements [lo, hi) of the flat parameter buffer whose AdamW state (m, v, master weights)
-    this rank keeps and updates: all of them, or with ZeRO-1 its shard (the last one short)."""
-    if zero_stage == 0:
-        return 0, num_params
-    size = shard_size(num_params, world_size)
-    return min(rank * size, num_params), min((rank + 1) * size, num_params)
 
 
 class GPT2:
@@ -565,21 +553,6 @@ class Sampler:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def read_optimizer_state(path, num_params, nproc, rank, zero_stage):
-    """This rank's state file of a checkpoint, for -z zero_stage. With several processes -z 0 and
-    -z 1 keep different shares of the AdamW state, and the file's size is all that tells them
-    apart: one that fits the other stage's share names -z, in words every rank shares."""
-    shares = [hi - lo for lo, hi in (optimizer_range(num_params, nproc, rank, z) for z in (0, 1))]
-    try:
-        return read_state(path, shares[zero_stage], nproc)
-    except FormatError:
-        other = 1 - zero_stage
-        if shares[other] != shares[zero_stage] and state_fits(path, shares[other], nproc):
-            raise ValueError(f"-z {zero_stage}: {os.path.dirname(path)} holds a checkpoint written by a -z {other} "
-                             f"run: resume with -z {other}") from None
-        raise
-
-
 def load_params(path):
     """A model checkpoint (version 3 fp32 or 5 bf16) as (config, fp32 params)."""
     config, stored = read_model(path)
@@ -603,96 +576,6 @@ def save_model(model, path):
     way the file holds the parameters bit for bit."""
     version = 3 if model.params.dtype == np.float32 else 5
     write_model(path, model.config, model.K.download(model.params[:model.num_params]), version)
-
-
-def checkpoint_paths(run_dir, step, rank=0):
-    return (os.path.join(run_dir, f"model_{step:08d}.bin"), os.path.join(run_dir, f"state_{step:08d}_{rank:05d}.bin"),
-            os.path.join(run_dir, f"DONE_{step:08d}"))
-
-
-def done_steps(run_dir):
-    """Steps with a complete checkpoint in run_dir, ascending."""
-    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    return sorted(int(m.group(1)) for m in map(re.compile(r"DONE_(\d{8})$").match, names) if m)
-
-
-def save_checkpoint(run_dir, step, model, comm, state):
-    """model_ (rank 0), state_ (one per rank) and DONE_ for this step. Every file is written in
-    full under a temporary name first; once every rank's are, each rank renames its own and,
-    once every rank has, rank 0 writes DONE, all with SIGINT/SIGTERM held back. So a run stopped
-    by a signal leaves either the whole checkpoint or only .partial files; only SIGKILL or a power
-    cut can land between a rename and DONE, and the next run's clean_run_dir removes files whose
-    DONE never came."""
-    model_path, state_path, done_path = checkpoint_paths(run_dir, step, comm.rank)
-    renames = [(state_path + ".partial", state_path)]
-    if comm.rank == 0:
-        save_model(model, model_path + ".partial")
-        renames.insert(0, (model_path + ".partial", model_path))
-    write_state(state_path + ".partial", state)
-    comm.barrier()
-    with signals_held():
-        for partial, path in renames:
-            os.replace(partial, path)
-        comm.barrier()
-        if comm.rank == 0:
-            with atomic_write(done_path):
-                pass
-
-
-@contextlib.contextmanager
-def signals_held():
-    """SIGINT and SIGTERM wait until the block is over."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def remove_checkpoint(run_dir, step):
-    """DONE first (never a DONE without its files), then the model and every rank's state."""
-    model_path, _, done_path = checkpoint_paths(run_dir, step)
-    states = glob.glob(os.path.join(glob.escape(run_dir), f"state_{step:08d}_*.bin"))
-    for path in [done_path, model_path, *sorted(states)]:
-        if os.path.exists(path):
-            os.remove(path)
-
-
-def prune_checkpoints(run_dir, keep, major_every):
-    """Keep the newest `keep` checkpoints (0: all), and every one whose step is a multiple of major_every."""
-    if keep > 0:
-        for step in done_steps(run_dir)[:-keep]:
-            if major_every == 0 or step % major_every != 0:
-                remove_checkpoint(run_dir, step)
-
-
-def clean_run_dir(run_dir):
-    """Remove what an interrupted write left behind: temporary files (save_checkpoint's .partial,
-    atomic_write's .tmp<pid>), and model or state files whose DONE never came."""
-    done = set(done_steps(run_dir))
-    for name in os.listdir(run_dir):
-        m = re.match(r"(model|state)_(\d{8})[._]", name)
-        if re.search(r"\.partial$|\.tmp\d+$", name) or (m and int(m.group(2)) not in done):
-            os.remove(os.path.join(run_dir, name))
-
-
-class Log:
-    """main.log in llm.c's line format (s:<step> trl:/tel:/eval:). A resumed run first drops the
-    lines of steps it is about to redo, so the log reads as if the run had never stopped."""
-
-    def __init__(self, run_dir, first_step):
-        self.path = os.path.join(run_dir, "main.log")
-        kept = []
-        if first_step > 0 and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if (m := re.match(r"s:(\d+) ", line)) and int(m.group(1)) < first_step]
-        with atomic_write(self.path) as f:
-            f.write("".join(kept).encode())
-        self.file = open(self.path, "a")
-
-    def write(self, line):
-        self.file.write(line + "\n")
-        self.file.flush()
 
 
 # ----------------------------------------------------------------------------- main
@@ -813,7 +696,7 @@ def main(argv=None):
     if args.d != -1 and (args.d <= 0 or args.d % (B * T * nproc)):
         fail(f"-d {args.d}: the total batch must be a multiple of B*T*processes = {B * T * nproc}")
     if process is None:  # -pn N, and nothing gave this process a rank: it starts the N ranks itself
-        sys.exit(distributed.launch(os.path.abspath(__file__), argv, nproc, args.device))
+        sys.exit(launcher.launch(os.path.abspath(__file__), argv, nproc, args.device))
     rank = process.rank
     if rank != 0:  # rank 0 prints and logs for all; every rank's errors still reach stderr
         sys.stdout = open(os.devnull, "w")
@@ -821,27 +704,12 @@ def main(argv=None):
     grad_accum_steps = tokens_per_step // (B * T * nproc)
 
     # everything that reads a file, before anything is written
-    resume_step = None
-    if args.o is not None and os.path.exists(args.o) and not os.path.isdir(args.o):
-        fail(f"-o {args.o}: is a file, not a directory")
-    if args.o is not None and os.path.isdir(args.o):
-        if rank == 0:
-            clean_run_dir(args.o)
-        steps = done_steps(args.o)
-        if steps and not args.y:
-            fail(f"-o {args.o} already holds checkpoints (up to step {steps[-1]}): resume with -y 1, "
-                 f"or give another run directory")
-        resume_step = steps[-1] if steps and args.y else None
-    if resume_step is not None:  # before any rank looks for its own state file, which another count may lack
-        written_by = len(glob.glob(os.path.join(glob.escape(args.o), f"state_{resume_step:08d}_*.bin")))
-        if written_by != nproc:
-            fail(f"-o {args.o}: the checkpoint at step {resume_step} was written by a run of {written_by} process(es), "
-                 f"and this one has {nproc}: resume with the same number (-pn {written_by})")
+    resume_step = rundir.resume_step(args.o, args.y, nproc, rank)
     try:
         if resume_step is not None:
-            model_path, state_path, _ = checkpoint_paths(args.o, resume_step, rank)
+            model_path, state_path, _ = rundir.checkpoint_paths(args.o, resume_step, rank)
             config, params = load_params(model_path)
-            state = read_optimizer_state(state_path, params.size, nproc, rank, args.z)
+            state = rundir.read_optimizer_state(state_path, params.size, nproc, rank, args.z)
         else:
             config, params = load_or_init(DEFAULT_MODEL if args.e is None else args.e)
         if T > config.max_seq_len:
@@ -941,7 +809,7 @@ def main(argv=None):
     log = None
     if args.o is not None:
         os.makedirs(args.o, exist_ok=True)
-        log = Log(args.o, step) if rank == 0 else None
+        log = rundir.Log(args.o, step) if rank == 0 else None
         print(f"run directory: {args.o}")
 
     sampler = Sampler(model, sample_tokens) if args.s and rank == 0 else None  # its KV cache, before the loop
@@ -951,7 +819,7 @@ def main(argv=None):
         last_step = step == num_steps
         # the checkpoint first: nothing that evaluates the model (val loss, HellaSwag, a sample) can lose training
         if args.n and step != resume_step and ((step > 0 and step % args.n == 0) or last_step):
-            save_checkpoint(args.o, step, model, comm, OptimizerState(
+            rundir.save_checkpoint(args.o, step, comm, lambda path: save_model(model, path), OptimizerState(
                 num_processes=nproc, rank=rank, use_master_weights=model.master is not None,
                 shuffle=train_loader.shuffle, step=step, rng_state=rng_state,
                 rng_state_last_update=rng_state_last_update, shard_index=train_loader.shard_index,
@@ -959,7 +827,7 @@ def main(argv=None):
                 master=None if model.master is None else K.download(model.master),
                 epoch=train_loader.epoch, loss_window=loss_detector.window, norm_window=norm_detector.window))
             if rank == 0:
-                prune_checkpoints(args.o, args.nk, args.nm)
+                rundir.prune_checkpoints(args.o, args.nk, args.nm)
         if val_loader and (step % args.v == 0 or last_step):
             loss = comm.sum([val_loss(model, val_loader, val_batches)])[0] / nproc  # each rank has its own batches
             if not math.isfinite(loss):
@@ -989,7 +857,7 @@ def main(argv=None):
             train_loader.reset()
         loss, norm = gradients(model, comm, train_loader, grad_accum_steps)
         if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank, so every rank stops here
-            saved = done_steps(args.o) if args.o is not None else []
+            saved = rundir.done_steps(args.o) if args.o is not None else []
             fail(f"step {step + 1}/{num_steps}: the loss is {loss} and the grad norm {norm}: training diverged, and "
                  f"this update is not made; lower -l" + (f", and resume from the checkpoint at step {saved[-1]} "
                                                           f"with -y 1" if saved else ""))

@@ -461,13 +461,13 @@ def test_process_flags_no_run_can_have_are_one_line_naming_what_is_wrong(pn, pr,
 # ----------------------------------------------------------------------------- the built-in launcher's faults
 
 def launch(tmp_path, rank_code, world_size, device="auto", env=None, cores=None):
-    """distributed.launch starting world_size ranks of rank_code (Python; its rank is in RANK, its
+    """launcher.launch starting world_size ranks of rank_code (Python; its rank is in RANK, its
     directory is tmp_path) from a launcher process of its own, pinned to `cores` CPU cores if given.
     Returns the launcher's result and how long it ran."""
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent(rank_code))
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import distributed; "
-            f"sys.exit(distributed.launch({str(script)!r}, [], {world_size}, device={device!r}))")
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import launcher; "
+            f"sys.exit(launcher.launch({str(script)!r}, [], {world_size}, device={device!r}))")
     pin = (lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])) if cores else None
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env or clean_env(), capture_output=True,
