@@ -10,51 +10,154 @@ SIGTERM held back meanwhile, so a stopped run leaves whole checkpoints only; -y 
 newest DONE, bit for bit.
 """
 import contextlib
+import fcntl
 import glob
 import os
 import re
 import signal
+import socket
 
 from cli import fail
 from distributed import optimizer_range
 from fileformats import FormatError, atomic_write, read_state, state_fits, write_state
 
 
-def checkpoint_paths(run_dir, step, rank=0):
-    return (os.path.join(run_dir, f"model_{step:08d}.bin"), os.path.join(run_dir, f"state_{step:08d}_{rank:05d}.bin"),
-            os.path.join(run_dir, f"DONE_{step:08d}"))
+LOCK = "lock"  # rank 0's lock on the directory; the file holds "<pid> <host>" of the process that took it last
+_held = {}  # run directories (real paths) this process holds the lock of -> its file descriptor, never closed
 
 
-def done_steps(run_dir):
-    """Steps with a complete checkpoint in run_dir, ascending."""
-    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    return sorted(int(m.group(1)) for m in map(re.compile(r"DONE_(\d{8})$").match, names) if m)
+class RunDir:
+    """The run directory of one process (rank). Rank 0 holds a lock on it for as long as it lives,
+    released by the kernel however the process ends, so no stale lock can outlive a run; a second
+    trainer on the same -o refuses, naming the holder. The lock is taken before anything in the
+    directory is read where its file is there already, else at start(): a directory no trainer
+    has written to stays as it was when a run is refused on bad input."""
+
+    def __init__(self, path, rank):
+        if os.path.exists(path) and not os.path.isdir(path):
+            fail(f"-o {path}: is a file, not a directory")
+        self.path, self.rank = path, rank
+        if rank == 0:
+            self._hold(create=False)
+
+    def paths(self, step, rank=0):
+        """model_, state_ (of rank) and DONE_ of the checkpoint at step."""
+        return (os.path.join(self.path, f"model_{step:08d}.bin"),
+                os.path.join(self.path, f"state_{step:08d}_{rank:05d}.bin"), os.path.join(self.path, f"DONE_{step:08d}"))
+
+    def done_steps(self):
+        """Steps with a complete checkpoint, ascending."""
+        names = os.listdir(self.path) if os.path.isdir(self.path) else []
+        return sorted(int(m.group(1)) for m in map(re.compile(r"DONE_(\d{8})$").match, names) if m)
+
+    def resume_step(self, resume, nproc):
+        """The step -y 1 (resume) goes on from, or None for a fresh run; the directory is checked
+        against the flags before anything is read from the checkpoint."""
+        steps = self.done_steps()
+        if steps and not resume:
+            fail(f"-o {self.path} already holds checkpoints (up to step {steps[-1]}): resume with -y 1, "
+                 f"or give another run directory")
+        if not steps:
+            return None
+        # before any rank looks for its own state file, which another count may lack
+        written_by = len(glob.glob(os.path.join(glob.escape(self.path), f"state_{steps[-1]:08d}_*.bin")))
+        if written_by != nproc:
+            fail(f"-o {self.path}: the checkpoint at step {steps[-1]} was written by a run of {written_by} "
+                 f"process(es), and this one has {nproc}: resume with the same number (-pn {written_by})")
+        return steps[-1]
+
+    def start(self, first_step, comm):
+        """Make the directory; on rank 0 hold its lock, remove what an interrupted write left
+        behind, and return main.log for lines from first_step on (None on other ranks). Every rank
+        waits for that, so no rank writes its first checkpoint while rank 0 still cleans."""
+        os.makedirs(self.path, exist_ok=True)
+        log = None
+        if self.rank == 0:
+            self._hold(create=True)
+            self._clean()
+            log = Log(self.path, first_step)
+        comm.barrier()
+        return log
+
+    def save(self, step, comm, save_model, state):
+        """model_ (rank 0, written by save_model(path)), state_ (one per rank) and DONE_ for this
+        step. Every file is written in full under a temporary name first; once every rank's are,
+        each rank renames its own and, once every rank has, rank 0 writes DONE, all with
+        SIGINT/SIGTERM held back. So a run stopped by a signal leaves either the whole checkpoint
+        or only .partial files; only SIGKILL or a power cut can land between a rename and DONE,
+        and the next run's start() removes files whose DONE never came."""
+        model_path, state_path, done_path = self.paths(step, comm.rank)
+        renames = [(state_path + ".partial", state_path)]
+        if comm.rank == 0:
+            save_model(model_path + ".partial")
+            renames.insert(0, (model_path + ".partial", model_path))
+        write_state(state_path + ".partial", state)
+        comm.barrier()
+        with signals_held():
+            for partial, path in renames:
+                os.replace(partial, path)
+            comm.barrier()
+            if comm.rank == 0:
+                with atomic_write(done_path):
+                    pass
+
+    def prune(self, keep, major_every):
+        """Keep the newest `keep` checkpoints (0: all), and every one whose step is a multiple of major_every."""
+        if keep > 0:
+            for step in self.done_steps()[:-keep]:
+                if major_every == 0 or step % major_every != 0:
+                    self._remove(step)
+
+    def _remove(self, step):
+        """DONE first (never a DONE without its files), then the model and every rank's state."""
+        model_path, _, done_path = self.paths(step)
+        states = glob.glob(os.path.join(glob.escape(self.path), f"state_{step:08d}_*.bin"))
+        for path in [done_path, model_path, *sorted(states)]:
+            if os.path.exists(path):
+                os.remove(path)
+
+    def _clean(self):
+        """Remove what an interrupted write left behind: temporary files (save's .partial,
+        atomic_write's .tmp<pid>), and model or state files whose DONE never came."""
+        done = set(self.done_steps())
+        for name in os.listdir(self.path):
+            m = re.match(r"(model|state)_(\d{8})[._]", name)
+            if re.search(r"\.partial$|\.tmp\d+$", name) or (m and int(m.group(2)) not in done):
+                os.remove(os.path.join(self.path, name))
+
+    def _hold(self, create):
+        """Take the lock, making its file only if create; a lock another process holds is one line
+        naming it. A filesystem that cannot lock (some network ones) is said, and the run goes on
+        without. A process holds a directory's lock once, however many runs it starts there."""
+        if os.path.realpath(self.path) in _held:
+            return
+        path = os.path.join(self.path, LOCK)
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _, host = os.read(fd, 256).decode(errors="replace").strip().partition(" ")
+            fail(f"-o {self.path}: another trainer (pid {pid or 'unknown'}{f' on {host}' if host else ''}) is using "
+                 f"this run directory: wait for it to end, or give another -o")
+        except OSError as e:
+            print(f"-o {self.path}: {LOCK} cannot be locked here ({e.strerror}), so a second trainer on this "
+                  f"directory would not be stopped")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        _held[os.path.realpath(self.path)] = fd  # the lock lasts as long as the process
 
 
-def resume_step(run_dir, resume, nproc, rank):
-    """The step -y 1 (resume) goes on from, or None for a fresh run; before anything is read from
-    the checkpoint, run_dir is checked against the flags, and rank 0 removes what an interrupted
-    write left there."""
-    if run_dir is None:
-        return None
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        fail(f"-o {run_dir}: is a file, not a directory")
-    if not os.path.isdir(run_dir):
-        return None
-    if rank == 0:
-        clean_run_dir(run_dir)
-    steps = done_steps(run_dir)
-    if steps and not resume:
-        fail(f"-o {run_dir} already holds checkpoints (up to step {steps[-1]}): resume with -y 1, "
-             f"or give another run directory")
-    if not steps:
-        return None
-    # before any rank looks for its own state file, which another count may lack
-    written_by = len(glob.glob(os.path.join(glob.escape(run_dir), f"state_{steps[-1]:08d}_*.bin")))
-    if written_by != nproc:
-        fail(f"-o {run_dir}: the checkpoint at step {steps[-1]} was written by a run of {written_by} process(es), "
-             f"and this one has {nproc}: resume with the same number (-pn {written_by})")
-    return steps[-1]
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block is over."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def read_optimizer_state(path, num_params, nproc, rank, zero_stage):
@@ -71,65 +174,6 @@ def read_optimizer_state(path, num_params, nproc, rank, zero_stage):
                              f"run: resume with -z {other}") from None
         raise
 
-
-def save_checkpoint(run_dir, step, comm, save_model, state):
-    """model_ (rank 0, written by save_model(path)), state_ (one per rank) and DONE_ for this step.
-    Every file is written in full under a temporary name first; once every rank's are, each rank
-    renames its own and, once every rank has, rank 0 writes DONE, all with SIGINT/SIGTERM held
-    back. So a run stopped by a signal leaves either the whole checkpoint or only .partial files;
-    only SIGKILL or a power cut can land between a rename and DONE, and the next run's
-    clean_run_dir removes files whose DONE never came."""
-    model_path, state_path, done_path = checkpoint_paths(run_dir, step, comm.rank)
-    renames = [(state_path + ".partial", state_path)]
-    if comm.rank == 0:
-        save_model(model_path + ".partial")
-        renames.insert(0, (model_path + ".partial", model_path))
-    write_state(state_path + ".partial", state)
-    comm.barrier()
-    with signals_held():
-        for partial, path in renames:
-            os.replace(partial, path)
-        comm.barrier()
-        if comm.rank == 0:
-            with atomic_write(done_path):
-                pass
-
-
-@contextlib.contextmanager
-def signals_held():
-    """SIGINT and SIGTERM wait until the block is over."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def remove_checkpoint(run_dir, step):
-    """DONE first (never a DONE without its files), then the model and every rank's state."""
-    model_path, _, done_path = checkpoint_paths(run_dir, step)
-    states = glob.glob(os.path.join(glob.escape(run_dir), f"state_{step:08d}_*.bin"))
-    for path in [done_path, model_path, *sorted(states)]:
-        if os.path.exists(path):
-            os.remove(path)
-
-
-def prune_checkpoints(run_dir, keep, major_every):
-    """Keep the newest `keep` checkpoints (0: all), and every one whose step is a multiple of major_every."""
-    if keep > 0:
-        for step in done_steps(run_dir)[:-keep]:
-            if major_every == 0 or step % major_every != 0:
-                remove_checkpoint(run_dir, step)
-
-
-def clean_run_dir(run_dir):
-    """Remove what an interrupted write left behind: temporary files (save_checkpoint's .partial,
-    atomic_write's .tmp<pid>), and model or state files whose DONE never came."""
-    done = set(done_steps(run_dir))
-    for name in os.listdir(run_dir):
-        m = re.match(r"(model|state)_(\d{8})[._]", name)
-        if re.search(r"\.partial$|\.tmp\d+$", name) or (m and int(m.group(2)) not in done):
-            os.remove(os.path.join(run_dir, name))
 
 
 class Log:

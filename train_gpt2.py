@@ -704,10 +704,11 @@ def main(argv=None):
     grad_accum_steps = tokens_per_step // (B * T * nproc)
 
     # everything that reads a file, before anything is written
-    resume_step = rundir.resume_step(args.o, args.y, nproc, rank)
+    run_dir = rundir.RunDir(args.o, rank) if args.o is not None else None
+    resume_step = run_dir.resume_step(args.y, nproc) if run_dir else None
     try:
         if resume_step is not None:
-            model_path, state_path, _ = rundir.checkpoint_paths(args.o, resume_step, rank)
+            model_path, state_path, _ = run_dir.paths(resume_step, rank)
             config, params = load_params(model_path)
             state = rundir.read_optimizer_state(state_path, params.size, nproc, rank, args.z)
         else:
@@ -807,9 +808,8 @@ def main(argv=None):
               f"is replaced by this run's")
 
     log = None
-    if args.o is not None:
-        os.makedirs(args.o, exist_ok=True)
-        log = rundir.Log(args.o, step) if rank == 0 else None
+    if run_dir:
+        log = run_dir.start(step, comm)
         print(f"run directory: {args.o}")
 
     sampler = Sampler(model, sample_tokens) if args.s and rank == 0 else None  # its KV cache, before the loop
@@ -819,7 +819,7 @@ def main(argv=None):
         last_step = step == num_steps
         # the checkpoint first: nothing that evaluates the model (val loss, HellaSwag, a sample) can lose training
         if args.n and step != resume_step and ((step > 0 and step % args.n == 0) or last_step):
-            rundir.save_checkpoint(args.o, step, comm, lambda path: save_model(model, path), OptimizerState(
+            run_dir.save(step, comm, lambda path: save_model(model, path), OptimizerState(
                 num_processes=nproc, rank=rank, use_master_weights=model.master is not None,
                 shuffle=train_loader.shuffle, step=step, rng_state=rng_state,
                 rng_state_last_update=rng_state_last_update, shard_index=train_loader.shard_index,
@@ -827,7 +827,7 @@ def main(argv=None):
                 master=None if model.master is None else K.download(model.master),
                 epoch=train_loader.epoch, loss_window=loss_detector.window, norm_window=norm_detector.window))
             if rank == 0:
-                rundir.prune_checkpoints(args.o, args.nk, args.nm)
+                run_dir.prune(args.nk, args.nm)
         if val_loader and (step % args.v == 0 or last_step):
             loss = comm.sum([val_loss(model, val_loader, val_batches)])[0] / nproc  # each rank has its own batches
             if not math.isfinite(loss):
@@ -857,7 +857,7 @@ def main(argv=None):
             train_loader.reset()
         loss, norm = gradients(model, comm, train_loader, grad_accum_steps)
         if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank, so every rank stops here
-            saved = rundir.done_steps(args.o) if args.o is not None else []
+            saved = run_dir.done_steps() if run_dir else []
             fail(f"step {step + 1}/{num_steps}: the loss is {loss} and the grad norm {norm}: training diverged, and "
                  f"this update is not made; lower -l" + (f", and resume from the checkpoint at step {saved[-1]} "
                                                           f"with -y 1" if saved else ""))

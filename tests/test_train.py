@@ -184,7 +184,7 @@ def test_a_diverging_run_stops_before_its_update_and_its_last_checkpoint_resumes
         "error: step 4/4: the loss is nan and the grad norm nan: training diverged, and this update is not made; "
         "lower -l, and resume from the checkpoint at step 2 with -y 1"], diverged.stderr
     assert re.search(r"^step    3/4 \| loss \d", diverged.stdout, re.M) and "step    4/4" not in diverged.stdout
-    assert sorted(os.listdir(tmp_path / "out")) == ["DONE_00000002", "main.log", "model_00000002.bin",
+    assert sorted(os.listdir(tmp_path / "out")) == ["DONE_00000002", "lock", "main.log", "model_00000002.bin",
                                                     "state_00000002_00000.bin"]
     resumed = run(*cmd, "-y", "1", cwd=tmp_path)
     losses = [float(m.group(1)) for m in re.finditer(r"\| loss (\S+)", resumed.stdout)]
@@ -229,7 +229,7 @@ def test_flags_produce_exactly_their_files_and_lines(data, tmp_path):
     assert [line.split(" |")[0] for line in out if line.startswith("step")] == [f"step {s:4d}/10" for s in range(1, 11)]
     assert len([line for line in out if line.startswith("val loss")]) == 5  # steps 0, 3, 6, 9 and the last
     # checkpoints at 2, 4, 6, 8, 10: the newest two (8, 10) stay, and 4 as a multiple of -nm 4
-    expected = {"main.log"} | {f"{kind}_{s:08d}{ext}" for s in (4, 8, 10)
+    expected = {"main.log", "lock"} | {f"{kind}_{s:08d}{ext}" for s in (4, 8, 10)
                                for kind, ext in (("model", ".bin"), ("state", "_00000.bin"), ("DONE", ""))}
     assert set(os.listdir(tmp_path / "out")) == expected
     log = (tmp_path / "out" / "main.log").read_text().splitlines()
