@@ -204,7 +204,8 @@ def write_model(path, config, params, version):
         _write(f, payload, dtype)
 
 
-def read_model(path):
+def _model_layout(path):
+    """A model file's config and version, checked against its header and size; all that is read is the header."""
     header, size = _read_header(path, MODEL_MAGIC, "an llm.c model checkpoint", MODEL_VERSIONS)
     version = int(header[1])
     config = GPT2Config(*header[2:8].tolist())
@@ -212,9 +213,22 @@ def read_model(path):
     if problem:
         raise FormatError(path, f"bad header: {problem}")
     n = num_parameters(config)
-    dtype = "<f4" if version == 3 else "<u2"
-    _check_size(path, size, [(dtype, n)], f"for {n} {MODEL_VERSIONS[version]} parameters")
-    (params,), _ = _read_payload(path, [(dtype, n)])
+    _check_size(path, size, [(_model_dtype(version), n)], f"for {n} {MODEL_VERSIONS[version]} parameters")
+    return config, version
+
+
+def _model_dtype(version):
+    return "<f4" if version == 3 else "<u2"
+
+
+def read_model_config(path):
+    """The config of a model file that read_model would take, without reading its parameters."""
+    return _model_layout(path)[0]
+
+
+def read_model(path):
+    config, version = _model_layout(path)
+    (params,), _ = _read_payload(path, [(_model_dtype(version), num_parameters(config))])
     return config, (params if version == 3 else params.view(ml_dtypes.bfloat16))
 
 
@@ -249,6 +263,7 @@ STATE_U64_SLOTS = {"rng_state": 20, "rng_state_last_update": 22, "shard_index": 
 STATE_TRAILER_MAGIC = 20261122
 WINDOW_SLOTS = 128
 TRAILER_PARTS = [("<i8", 4), ("<f8", 2 * WINDOW_SLOTS)]
+TRAILER_BYTES = sum(np.dtype(dtype).itemsize * count for dtype, count in TRAILER_PARTS)
 
 
 def write_state(path, state):
@@ -275,41 +290,39 @@ def write_state(path, state):
         _write(f, windows, "<f8")
 
 
-def _state_layout(path, shard_size, expected_processes):
-    """A state file's header, checked, and its parts for m, v (and master weights) of shard_size
-    values each, checked against the file's size: all that is read is the header."""
+def _state_header(path):
+    """A state file's header, checked, and the file's size; all that is read is the header."""
     header, size = _read_header(path, STATE_MAGIC, "an llm.c optimizer state", {1: ""})
     num_processes, rank, master, shuffle = header[2:6].tolist()
     step = int(header[10])
     if num_processes < 1 or not 0 <= rank < num_processes or master not in (0, 1) or shuffle not in (0, 1) or step < 0:
         raise FormatError(path, f"bad header: num_processes={num_processes} rank={rank} use_master_weights={master} "
                                 f"shuffle={shuffle} step={step}")
-    if expected_processes is not None and num_processes != expected_processes:
-        raise FormatError(path, f"written by a run of {num_processes} process(es), and this one has "
-                                f"{expected_processes}: resume with the same number (-pn {num_processes})")
+    return header, size
+
+
+def state_shard_size(path):
+    """How many values each of a state file's m, v (and master weights) holds, and the number of
+    processes and the rank of the run that wrote it, judged from its header and size alone,
+    without reading what may be gigabytes."""
+    header, size = _state_header(path)
+    num_processes, rank, master = header[2:5].tolist()
+    arrays = 3 if master else 2
+    payload = size - HEADER_BYTES - TRAILER_BYTES
+    if payload < 0 or payload % (4 * arrays):
+        raise FormatError(path, f"file is {size} bytes: not the {HEADER_BYTES}-byte header, {arrays} fp32 arrays of "
+                                f"one length (m, v{', master' if master else ''}) and our {TRAILER_BYTES}-byte trailer")
+    return payload // (4 * arrays), num_processes, rank
+
+
+def read_state(path, shard_size):
+    """The state of one rank, whose m, v (and master weights) hold shard_size values each."""
+    header, size = _state_header(path)
+    num_processes, rank, master, shuffle = header[2:6].tolist()
+    step = int(header[10])
     parts = [("<f4", shard_size)] * (3 if master else 2)
     note = f"for m, v{', master' if master else ''} of {shard_size} values each, then our trailer"
     _check_size(path, size, parts + TRAILER_PARTS, note)
-    return header, parts
-
-
-def state_fits(path, shard_size, expected_processes=None):
-    """Whether read_state would take the file as far as its payload: m, v (and master weights) of
-    shard_size values each, judged from its header and size alone, without reading what may be
-    gigabytes."""
-    try:
-        _state_layout(path, shard_size, expected_processes)
-    except FormatError:
-        return False
-    return True
-
-
-def read_state(path, shard_size, expected_processes=None):
-    """The state of one rank, whose m, v (and master weights) hold shard_size values each. With
-    expected_processes, a state written by a run of another number of processes is refused."""
-    header, parts = _state_layout(path, shard_size, expected_processes)
-    num_processes, rank, master, shuffle = header[2:6].tolist()
-    step = int(header[10])
     (*arrays, trailer, windows), _ = _read_payload(path, parts + TRAILER_PARTS)
     magic, epoch, n_loss, n_norm = trailer.tolist()
     if magic != STATE_TRAILER_MAGIC:

@@ -10,6 +10,7 @@ SIGTERM held back meanwhile, so a stopped run leaves whole checkpoints only; -y 
 newest DONE, bit for bit.
 """
 import contextlib
+import dataclasses
 import fcntl
 import glob
 import os
@@ -19,7 +20,8 @@ import socket
 
 from cli import fail
 from distributed import optimizer_range
-from fileformats import FormatError, atomic_write, read_state, state_fits, write_state
+from fileformats import (FormatError, atomic_write, num_parameters, read_model_config, read_state, state_shard_size,
+                         write_state)
 
 
 LOCK = "lock"  # rank 0's lock on the directory; the file holds "<pid> <host>" of the process that took it last
@@ -50,21 +52,62 @@ class RunDir:
         names = os.listdir(self.path) if os.path.isdir(self.path) else []
         return sorted(int(m.group(1)) for m in map(re.compile(r"DONE_(\d{8})$").match, names) if m)
 
-    def resume_step(self, resume, nproc):
-        """The step -y 1 (resume) goes on from, or None for a fresh run; the directory is checked
-        against the flags before anything is read from the checkpoint."""
+    def checkpoint(self, resume):
+        """The newest whole checkpoint, which -y 1 (resume) goes on from, or None for a fresh run.
+        One whose files are not whole, despite its DONE (a file deleted, or torn by a disk that lost
+        data in a crash), is passed over for the one before, and said: a job restarted by itself
+        after a node died then goes on, losing one checkpoint's interval, where a refusal would
+        stop it until someone came. Nothing is removed: a run going on from an earlier checkpoint
+        writes that step's files anew when it gets there."""
         steps = self.done_steps()
         if steps and not resume:
             fail(f"-o {self.path} already holds checkpoints (up to step {steps[-1]}): resume with -y 1, "
                  f"or give another run directory")
-        if not steps:
-            return None
-        # before any rank looks for its own state file, which another count may lack
-        written_by = len(glob.glob(os.path.join(glob.escape(self.path), f"state_{steps[-1]:08d}_*.bin")))
-        if written_by != nproc:
-            fail(f"-o {self.path}: the checkpoint at step {steps[-1]} was written by a run of {written_by} "
-                 f"process(es), and this one has {nproc}: resume with the same number (-pn {written_by})")
-        return steps[-1]
+        broken = []
+        for step in reversed(steps):
+            try:
+                checkpoint = self._whole(step)
+            except FormatError as e:
+                broken.append((step, e))
+                continue
+            if broken:
+                print(f"-o {self.path}: {_not_whole(broken)}: going on from the newest whole one, at step {step}")
+            return checkpoint
+        if broken:
+            fail(f"-o {self.path}: {_not_whole(broken)}, and no earlier one is: restore its files, or start again "
+                 f"in another -o")
+        return None
+
+    def _whole(self, step):
+        """The checkpoint at step, if its model file and every state file are whole as far as their
+        headers and sizes tell (the payload is read only by the ranks that resume from it); else
+        the FormatError of the first file that is not."""
+        model_path, first_state, _ = self.paths(step)
+        num_params = num_parameters(read_model_config(model_path))
+        written = sorted(glob.glob(os.path.join(glob.escape(self.path), f"state_{step:08d}_*.bin")))
+        if not written:
+            raise FormatError(first_state, "no such file: the checkpoint has no state file at all")
+        num_processes = state_shard_size(written[0])[1]  # say the files of the lowest rank there
+        states, stages = [], set()
+        for rank in range(num_processes):
+            path = self.paths(step, rank)[1]
+            if not os.path.exists(path):
+                raise FormatError(path, f"no such file, although the checkpoint's other state files are of a run "
+                                        f"of {num_processes} processes")
+            shard_size, processes, file_rank = state_shard_size(path)
+            if (processes, file_rank) != (num_processes, rank):
+                raise FormatError(path, f"holds rank {file_rank} of {processes} processes, beside the state files of "
+                                        f"{num_processes} processes")
+            lo, hi = optimizer_range(num_params, num_processes, rank, 1)
+            if shard_size not in (num_params, hi - lo):
+                raise FormatError(path, f"holds m and v of {shard_size} values, not the model's {num_params}"
+                                        + (f" nor rank {rank}'s ZeRO-1 shard of them ({hi - lo})"
+                                           if num_processes > 1 else ""))
+            states.append(path)
+            stages.add(0 if shard_size == num_params else 1)  # one process: the two are the same, -z 0
+        if len(stages) > 1:
+            raise FormatError(self.path, f"the state files of step {step} mix -z 0 and -z 1 shares")
+        return Checkpoint(step, model_path, states, stages.pop(), num_params)
 
     def start(self, first_step, comm):
         """Make the directory; on rank 0 hold its lock, remove what an interrupted write left
@@ -150,6 +193,41 @@ class RunDir:
         _held[os.path.realpath(self.path)] = fd  # the lock lasts as long as the process
 
 
+def _not_whole(broken):
+    """'the checkpoint at step S is not whole (<why>)', for the newest of the (step, FormatError) pairs."""
+    (step, error), *older = broken
+    return (f"the checkpoint at step {step} is not whole ({error})"
+            + (f", nor are those at steps {', '.join(str(s) for s, _ in older)}" if older else ""))
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A whole checkpoint: its model file, and the state files of the ranks that wrote it with
+    -z zero_stage (one rank's file is the whole model's state for -z 0)."""
+    step: int
+    model_path: str
+    state_paths: list
+    zero_stage: int
+    num_params: int
+
+    @property
+    def num_processes(self):
+        return len(self.state_paths)
+
+    def optimizer_state(self, nproc, rank, zero_stage):
+        """This rank's AdamW state and data position, for a run of nproc processes with -z
+        zero_stage; one that does not fit names the flag, in words every rank shares."""
+        if nproc != self.num_processes:
+            fail(f"-o {os.path.dirname(self.model_path)}: the checkpoint at step {self.step} was written by a run of "
+                 f"{self.num_processes} process(es), and this one has {nproc}: resume with the same number "
+                 f"(-pn {self.num_processes})")
+        if nproc > 1 and zero_stage != self.zero_stage:
+            fail(f"-z {zero_stage}: {os.path.dirname(self.model_path)} holds a checkpoint written by a "
+                 f"-z {self.zero_stage} run: resume with -z {self.zero_stage}")
+        lo, hi = optimizer_range(self.num_params, nproc, rank, zero_stage)
+        return read_state(self.state_paths[rank], hi - lo)
+
+
 @contextlib.contextmanager
 def signals_held():
     """SIGINT and SIGTERM wait until the block is over."""
@@ -158,22 +236,6 @@ def signals_held():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def read_optimizer_state(path, num_params, nproc, rank, zero_stage):
-    """This rank's state file of a checkpoint, for -z zero_stage. With several processes -z 0 and
-    -z 1 keep different shares of the AdamW state, and the file's size is all that tells them
-    apart: one that fits the other stage's share names -z, in words every rank shares."""
-    shares = [hi - lo for lo, hi in (optimizer_range(num_params, nproc, rank, z) for z in (0, 1))]
-    try:
-        return read_state(path, shares[zero_stage], nproc)
-    except FormatError:
-        other = 1 - zero_stage
-        if shares[other] != shares[zero_stage] and state_fits(path, shares[other], nproc):
-            raise ValueError(f"-z {zero_stage}: {os.path.dirname(path)} holds a checkpoint written by a -z {other} "
-                             f"run: resume with -z {other}") from None
-        raise
-
 
 
 class Log:

@@ -705,12 +705,11 @@ def main(argv=None):
 
     # everything that reads a file, before anything is written
     run_dir = rundir.RunDir(args.o, rank) if args.o is not None else None
-    resume_step = run_dir.resume_step(args.y, nproc) if run_dir else None
+    checkpoint = run_dir.checkpoint(args.y) if run_dir else None
+    resume_step = checkpoint.step if checkpoint else None
     try:
-        if resume_step is not None:
-            model_path, state_path, _ = run_dir.paths(resume_step, rank)
-            config, params = load_params(model_path)
-            state = rundir.read_optimizer_state(state_path, params.size, nproc, rank, args.z)
+        if checkpoint:
+            config, params = load_params(checkpoint.model_path)
         else:
             config, params = load_or_init(DEFAULT_MODEL if args.e is None else args.e)
         if T > config.max_seq_len:
@@ -725,12 +724,6 @@ def main(argv=None):
         tokenizer = read_tokenizer(TOKENIZER)[0] if args.s and os.path.exists(TOKENIZER) else None
     except (FormatError, ValueError) as e:
         fail(str(e))
-    if resume_step is not None:
-        try:
-            train_loader.restore(state.epoch, state.shard_index, state.sample_index)
-        except ValueError as e:
-            fail(f"-o {args.o}: the checkpoint at step {resume_step}: {e}: its data position does not fit this run's "
-                 f"-i, -b, -t and -pn; resume with the run's original ones")
     if hellaswag and 4 * (max(len(ex.context) + max(map(len, ex.endings)) for ex in hellaswag) - 1) > B * T:
         fail(f"-h 1: the longest HellaSwag example does not fit in B*T = {B * T} tokens: raise -b or -t")
     num_steps = args.x if args.x != -1 else train_loader.num_tokens // tokens_per_step
@@ -739,6 +732,16 @@ def main(argv=None):
     if resume_step is not None and resume_step > num_steps:
         fail(f"-x {args.x}: nothing to train: the newest checkpoint in {args.o} is at step {resume_step}, beyond "
              f"step {num_steps}; raise -x to go on from it")
+    if checkpoint:
+        try:
+            state = checkpoint.optimizer_state(nproc, rank, args.z)
+        except FormatError as e:
+            fail(str(e))
+        try:
+            train_loader.restore(state.epoch, state.shard_index, state.sample_index)
+        except ValueError as e:
+            fail(f"-o {args.o}: the checkpoint at step {resume_step}: {e}: its data position does not fit this run's "
+                 f"-i, -b, -t and -pn; resume with the run's original ones")
     val_batches = 0
     if val_loader:
         val_batches = val_loader.num_batches if args.m == -1 else min(args.m, val_loader.num_batches)
@@ -762,9 +765,10 @@ def main(argv=None):
         elif state.master is not None and model.params.dtype == np.float32:
             K.upload(model.params[model.lo:model.hi], state.master)  # fp32 parameters are the master weights
         elif model.master is not None:  # bf16 model file, no fp32 state: master weights from the parameters
-            print(f"{state_path} holds no master weights: they start from the checkpoint's parameters")
+            print(f"{checkpoint.state_paths[rank]} holds no master weights: they start from the checkpoint's "
+                  f"parameters")
         elif state.master is not None:
-            print(f"-w 0: the master weights in {state_path} are left unused")
+            print(f"-w 0: the master weights in {checkpoint.state_paths[rank]} are left unused")
         step, rng_state, rng_state_last_update = state.step, state.rng_state, state.rng_state_last_update
         loss_detector, norm_detector = OutlierDetector(state.loss_window), OutlierDetector(state.norm_window)
 
@@ -798,7 +802,7 @@ def main(argv=None):
     if args.s and tokenizer is None:
         print(f"no tokenizer at {TOKENIZER} (python -m prepro.gpt2_tokenizer writes it): samples print as token ids")
     if resume_step is not None:
-        print(f"resuming from {model_path} at step {resume_step}")
+        print(f"resuming from {checkpoint.model_path} at step {resume_step}")
         if args.e is not None:
             print(f"-e {args.e}: not used, as -y 1 goes on with the checkpoint's model")
     elif args.y:

@@ -2,6 +2,7 @@
 directory, checkpoints that are not whole, resuming a finished run or with flags that change what
 the data position means, a full disk and a read-only directory."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -9,12 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+import fileformats
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-v", "0"]  # 1 layer, C=64
 
 
-def run(*args, cwd, check=True):
-    result = subprocess.run([sys.executable, str(REPO / "train_gpt2.py"), *args], cwd=cwd, capture_output=True,
+def run(*args, cwd, check=True, prefix=()):
+    result = subprocess.run([*prefix, sys.executable, str(REPO / "train_gpt2.py"), *args], cwd=cwd, capture_output=True,
                             text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr
@@ -53,3 +58,94 @@ def test_a_second_trainer_on_a_run_directory_in_use_is_refused_naming_the_first(
     assert "run/main.log: an earlier run's log, with no checkpoint to resume from, is replaced by this run's" \
         in third.stdout.splitlines()
     assert [line.split()[0] for line in log.read_text().splitlines()] == ["s:0", "s:1"]
+
+
+# ----------------------------------------------------------------------------- checkpoints that are not whole
+
+STRAIGHT = [*TINY, "-v", "2", "-m", "1", "-x", "4", "-n", "2"]
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """One process, checkpoints at steps 2 and 4, val loss at 0, 2 and 4."""
+    cwd = tmp_path_factory.mktemp("straight")
+    run(*STRAIGHT, *data, "-o", "run", cwd=cwd)
+    return cwd / "run"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data, tmp_path_factory):
+    """Two processes (built-in launcher), checkpoints at steps 2 and 4."""
+    cwd = tmp_path_factory.mktemp("two_ranks")
+    run(*TINY, *data, "-x", "4", "-n", "2", "-pn", "2", "--device", "cpu", "-o", "run", cwd=cwd)
+    return cwd / "run"
+
+
+def test_a_truncated_newest_model_file_is_passed_over_for_the_checkpoint_before_and_said(straight, data, tmp_path):
+    """A disk that lost data in a crash: DONE_4 is there, its model file is torn. -y 1 goes on from
+    step 2, says why in one line, and writes step 4's files anew: the same bytes as the first time."""
+    copy = shutil.copytree(straight, tmp_path / "run")
+    torn = copy / "model_00000004.bin"
+    torn.write_bytes(torn.read_bytes()[:5000])
+    result = run(*STRAIGHT, *data, "-o", "run", "-y", "1", cwd=tmp_path)
+    size = (straight / "model_00000004.bin").stat().st_size
+    assert f"-o run: the checkpoint at step 4 is not whole (run/model_00000004.bin: file is 5000 bytes, expected " \
+           f"1024 + 4 * {(size - 1024) // 4} = {size} for {(size - 1024) // 4} fp32 parameters): going on from the " \
+           f"newest whole one, at step 2" in result.stdout.splitlines()
+    assert "resuming from run/model_00000002.bin at step 2" in result.stdout
+    for name in ("model_00000004.bin", "state_00000004_00000.bin", "main.log"):
+        assert (copy / name).read_bytes() == (straight / name).read_bytes(), name
+
+
+def test_a_torn_only_checkpoint_is_one_line_naming_the_file(straight, data, tmp_path):
+    copy = shutil.copytree(straight, tmp_path / "run")
+    for name in ("DONE_00000002", "model_00000002.bin", "state_00000002_00000.bin"):
+        os.remove(copy / name)
+    state = copy / "state_00000004_00000.bin"
+    state.write_bytes(state.read_bytes()[:-5])
+    before = sorted(os.listdir(copy))
+    result = run(*TINY, *data, "-x", "6", "-n", "2", "-o", "run", "-y", "1", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: -o run: the checkpoint at step 4 is not whole (run/state_00000004_00000.bin: file is "
+        f"{state.stat().st_size} bytes: not the 1024-byte header, 2 fp32 arrays of one length (m, v) and our "
+        f"{fileformats.TRAILER_BYTES}-byte trailer), and no earlier one is: restore its files, or start again in "
+        f"another -o"], result.stderr
+    assert sorted(os.listdir(copy)) == before
+
+
+def test_a_missing_state_file_of_the_newest_checkpoint_is_named_and_the_one_before_goes_on(two_ranks, data,
+                                                                                            tmp_path):
+    """One rank's state file deleted used to read as a process-count mismatch, with advice to resume
+    on -pn 1."""
+    copy = shutil.copytree(two_ranks, tmp_path / "run")
+    os.remove(copy / "state_00000004_00001.bin")
+    result = run(*TINY, *data, "-x", "4", "-n", "2", "-pn", "2", "--device", "cpu", "-o", "run", "-y", "1",
+                 cwd=tmp_path)
+    assert "-o run: the checkpoint at step 4 is not whole (run/state_00000004_00001.bin: no such file, although the " \
+           "checkpoint's other state files are of a run of 2 processes): going on from the newest whole one, at " \
+           "step 2" in result.stdout.splitlines()
+    for name in ("model_00000004.bin", "state_00000004_00000.bin", "state_00000004_00001.bin", "main.log"):
+        assert (copy / name).read_bytes() == (two_ranks / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("removed, expected", [
+    (["state_00000004_00000.bin"], "run/state_00000004_00000.bin: no such file, although the checkpoint's other "
+                                   "state files are of a run of 2 processes"),
+    (["state_00000004_00000.bin", "state_00000004_00001.bin"],
+     "run/state_00000004_00000.bin: no such file: the checkpoint has no state file at all"),
+], ids=["rank 0's", "every rank's"])
+def test_missing_state_files_of_the_only_checkpoint_are_one_line_naming_one(two_ranks, data, tmp_path, removed,
+                                                                             expected):
+    """...and with every one gone, as a run of 0 processes (-pn 0)."""
+    copy = shutil.copytree(two_ranks, tmp_path / "run")
+    for name in ["DONE_00000002", "model_00000002.bin", "state_00000002_00000.bin", "state_00000002_00001.bin",
+                 *removed]:
+        os.remove(copy / name)
+    before = sorted(os.listdir(copy))
+    result = run(*TINY, *data, "-x", "6", "-pn", "2", "--device", "cpu", "-o", "run", "-y", "1", cwd=tmp_path,
+                 check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: -o run: the checkpoint at step 4 is not whole ({expected}), and no "
+                                          f"earlier one is: restore its files, or start again in another -o"]
+    assert sorted(os.listdir(copy)) == before
