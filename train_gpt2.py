@@ -732,6 +732,10 @@ def main(argv=None):
     if resume_step is not None and resume_step > num_steps:
         fail(f"-x {args.x}: nothing to train: the newest checkpoint in {args.o} is at step {resume_step}, beyond "
              f"step {num_steps}; raise -x to go on from it")
+    if resume_step == num_steps:  # its end-of-run evaluation is in main.log already
+        print(f"-o {args.o}: the run is finished: its newest checkpoint is at step {num_steps}, the last one: nothing "
+              f"to train, and nothing is changed (raise -x to train on)")
+        return
     if checkpoint:
         try:
             state = checkpoint.optimizer_state(nproc, rank, args.z)

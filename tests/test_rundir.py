@@ -149,3 +149,21 @@ def test_missing_state_files_of_the_only_checkpoint_are_one_line_naming_one(two_
     assert result.stderr.splitlines() == [f"error: -o run: the checkpoint at step 4 is not whole ({expected}), and no "
                                           f"earlier one is: restore its files, or start again in another -o"]
     assert sorted(os.listdir(copy)) == before
+
+
+# ----------------------------------------------------------------------------- a finished run
+
+def files(run_dir):
+    """Every file of a run directory and its bytes, but the lock's (the pid of its last holder)."""
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != "lock"}
+
+
+@pytest.mark.parametrize("args", [[], ["-b", "1"]], ids=["same flags", "another -b"])
+def test_resuming_a_finished_run_says_there_is_nothing_to_train_and_changes_nothing(straight, data, tmp_path, args):
+    """It used to evaluate again and rewrite main.log's last val line (with -b 1, to another value)."""
+    copy = shutil.copytree(straight, tmp_path / "run")
+    before = files(copy)
+    result = run(*STRAIGHT, *data, *args, "-o", "run", "-y", "1", cwd=tmp_path)
+    assert result.stdout.splitlines() == ["-o run: the run is finished: its newest checkpoint is at step 4, the last "
+                                          "one: nothing to train, and nothing is changed (raise -x to train on)"]
+    assert files(copy) == before
