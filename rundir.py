@@ -11,6 +11,7 @@ newest DONE, bit for bit.
 """
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import glob
 import os
@@ -113,12 +114,15 @@ class RunDir:
         """Make the directory; on rank 0 hold its lock, remove what an interrupted write left
         behind, and return main.log for lines from first_step on (None on other ranks). Every rank
         waits for that, so no rank writes its first checkpoint while rank 0 still cleans."""
-        os.makedirs(self.path, exist_ok=True)
         log = None
-        if self.rank == 0:
-            self._hold(create=True)
-            self._clean()
-            log = Log(self.path, first_step)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            if self.rank == 0:
+                self._hold(create=True)
+                self._clean()
+                log = Log(self, first_step)
+        except OSError as e:
+            fail(self.cannot_write(e, re.sub(r"\.tmp\d+$", "", e.filename or self.path)))
         comm.barrier()
         return log
 
@@ -130,19 +134,42 @@ class RunDir:
         or only .partial files; only SIGKILL or a power cut can land between a rename and DONE,
         and the next run's start() removes files whose DONE never came."""
         model_path, state_path, done_path = self.paths(step, comm.rank)
-        renames = [(state_path + ".partial", state_path)]
-        if comm.rank == 0:
-            save_model(model_path + ".partial")
-            renames.insert(0, (model_path + ".partial", model_path))
-        write_state(state_path + ".partial", state)
-        comm.barrier()
+        mine = ([model_path] if comm.rank == 0 else []) + [state_path]
+        try:
+            if comm.rank == 0:
+                self._write_partial(save_model, model_path, step)
+            self._write_partial(lambda partial: write_state(partial, state), state_path, step)
+            comm.barrier()
+        except BaseException:  # this rank's failure, another's (at the barrier), or a signal: no partial file stays
+            for path in mine:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path + ".partial")
+            raise
         with signals_held():
-            for partial, path in renames:
-                os.replace(partial, path)
+            for path in mine:
+                os.replace(path + ".partial", path)
             comm.barrier()
             if comm.rank == 0:
                 with atomic_write(done_path):
                     pass
+
+    def _write_partial(self, write, path, step):
+        try:
+            write(path + ".partial")
+        except OSError as e:
+            fail(self.cannot_write(e, path, step))
+
+    def cannot_write(self, error, path, step=None):
+        """The one line for an OSError while writing path in the directory. A directory that cannot
+        be written at all (read-only, someone else's) is named, not the temporary file the error is
+        about; anything else (a full disk) names the file and the step, and where -y 1 goes on."""
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"-o {self.path}: this directory cannot be written ({error.strerror}): give one you can write to"
+        steps = self.done_steps()
+        return (f"{f'step {step}: ' if step is not None else ''}writing {path}: {error.strerror or error}; "
+                + ("its partial files are removed, and " if step is not None else "")
+                + (f"the newest whole checkpoint is at step {steps[-1]}, where -y 1 goes on" if steps else
+                   "there is no checkpoint to go on from yet"))
 
     def prune(self, keep, major_every):
         """Keep the newest `keep` checkpoints (0: all), and every one whose step is a multiple of major_every."""
@@ -243,7 +270,7 @@ class Log:
     lines of steps it is about to redo, so the log reads as if the run had never stopped."""
 
     def __init__(self, run_dir, first_step):
-        self.path = os.path.join(run_dir, "main.log")
+        self.run_dir, self.path = run_dir, os.path.join(run_dir.path, "main.log")
         kept = []
         if first_step > 0 and os.path.exists(self.path):
             with open(self.path) as f:
@@ -253,5 +280,8 @@ class Log:
         self.file = open(self.path, "a")
 
     def write(self, line):
-        self.file.write(line + "\n")
-        self.file.flush()
+        try:
+            self.file.write(line + "\n")
+            self.file.flush()
+        except OSError as e:
+            fail(self.run_dir.cannot_write(e, self.path))

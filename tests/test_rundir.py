@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import fileformats
+import train_gpt2 as gpt
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-v", "0"]  # 1 layer, C=64
@@ -167,3 +168,46 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train_and_changes_noth
     assert result.stdout.splitlines() == ["-o run: the run is finished: its newest checkpoint is at step 4, the last "
                                           "one: nothing to train, and nothing is changed (raise -x to train on)"]
     assert files(copy) == before
+
+
+# ----------------------------------------------------------------------------- a full disk, a read-only directory
+
+def test_a_full_disk_while_checkpointing_names_the_file_and_the_step_and_leaves_no_partial_file(data, tmp_path,
+                                                                                                monkeypatch, capsys):
+    """The step-4 state file goes to /dev/full, which answers every write as a full disk does: the
+    run used to end in '[Errno 28] No space left on device' alone, with the step-4 model's partial
+    file left behind."""
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        return real_open("/dev/full" if "state_00000004" in str(path) else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(fileformats, "open", full_disk, raising=False)
+    with pytest.raises(SystemExit) as exit:
+        gpt.main([*STRAIGHT, *data, "-x", "6", "-o", str(tmp_path / "run")])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: step 4: writing {tmp_path}/run/state_00000004_00000.bin: No space left on device; its partial files "
+        f"are removed, and the newest whole checkpoint is at step 2, where -y 1 goes on"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["DONE_00000002", "lock", "main.log", "model_00000002.bin",
+                                                    "state_00000002_00000.bin"]
+
+
+def as_a_user():
+    """A command prefix under which file permissions hold: none for a user; for root, setpriv
+    dropping its capabilities (root writes in a read-only directory otherwise)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root writes in a read-only directory, and setpriv is not here to stop it")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+
+
+def test_a_read_only_run_directory_is_named_not_a_temporary_file(data, tmp_path):
+    """It used to be 'error: run/main.log.tmp<pid>: Permission denied'."""
+    (tmp_path / "run").mkdir(mode=0o555)
+    result = run(*TINY, *data, "-x", "2", "-o", "run", cwd=tmp_path, check=False, prefix=as_a_user())
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: -o run: this directory cannot be written (Permission denied): give "
+                                          "one you can write to"], result.stderr
+    assert not any((tmp_path / "run").iterdir())
