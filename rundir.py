@@ -19,10 +19,12 @@ import re
 import signal
 import socket
 
+import numpy as np
+
 from cli import fail
 from distributed import optimizer_range
-from fileformats import (FormatError, atomic_write, num_parameters, read_model_config, read_state, state_shard_size,
-                         write_state)
+from fileformats import (FormatError, OptimizerState, atomic_write, num_parameters, read_model_config, read_state,
+                         state_shard_size, write_state)
 
 
 LOCK = "lock"  # rank 0's lock on the directory; the file holds "<pid> <host>" of the process that took it last
@@ -85,7 +87,7 @@ class RunDir:
         the FormatError of the first file that is not."""
         model_path, first_state, _ = self.paths(step)
         num_params = num_parameters(read_model_config(model_path))
-        written = sorted(glob.glob(os.path.join(glob.escape(self.path), f"state_{step:08d}_*.bin")))
+        written = self._state_paths(step)
         if not written:
             raise FormatError(first_state, "no such file: the checkpoint has no state file at all")
         num_processes = state_shard_size(written[0])[1]  # say the files of the lowest rank there
@@ -108,7 +110,8 @@ class RunDir:
             stages.add(0 if shard_size == num_params else 1)  # one process: the two are the same, -z 0
         if len(stages) > 1:
             raise FormatError(self.path, f"the state files of step {step} mix -z 0 and -z 1 shares")
-        return Checkpoint(step, model_path, states, stages.pop(), num_params)
+        info = read_state(states[0], state_shard_size(states[0])[0], part=(0, 0))  # header and trailer
+        return Checkpoint(step, model_path, states, stages.pop(), num_params, info)
 
     def start(self, first_step, comm):
         """Make the directory; on rank 0 hold its lock, remove what an interrupted write left
@@ -132,13 +135,17 @@ class RunDir:
         each rank renames its own and, once every rank has, rank 0 writes DONE, all with
         SIGINT/SIGTERM held back. So a run stopped by a signal leaves either the whole checkpoint
         or only .partial files; only SIGKILL or a power cut can land between a rename and DONE,
-        and the next run's start() removes files whose DONE never came."""
+        and the next run's start() removes files whose DONE never came. A step written again
+        loses its old DONE before any of its files is replaced, and state files of ranks beyond
+        this run's before the new DONE."""
         model_path, state_path, done_path = self.paths(step, comm.rank)
         mine = ([model_path] if comm.rank == 0 else []) + [state_path]
         try:
             if comm.rank == 0:
                 self._write_partial(save_model, model_path, step)
             self._write_partial(lambda partial: write_state(partial, state), state_path, step)
+            if comm.rank == 0 and os.path.exists(done_path):  # a step written again (its files were not whole)
+                os.remove(done_path)
             comm.barrier()
         except BaseException:  # this rank's failure, another's (at the barrier), or a signal: no partial file stays
             for path in mine:
@@ -150,6 +157,8 @@ class RunDir:
                 os.replace(path + ".partial", path)
             comm.barrier()
             if comm.rank == 0:
+                for path in self._state_paths(step)[comm.world_size:]:  # a checkpoint of this step by more ranks
+                    os.remove(path)
                 with atomic_write(done_path):
                     pass
 
@@ -178,11 +187,14 @@ class RunDir:
                 if major_every == 0 or step % major_every != 0:
                     self._remove(step)
 
+    def _state_paths(self, step):
+        """The state files of a step, by rank."""
+        return sorted(glob.glob(os.path.join(glob.escape(self.path), f"state_{step:08d}_[0-9][0-9][0-9][0-9][0-9].bin")))
+
     def _remove(self, step):
         """DONE first (never a DONE without its files), then the model and every rank's state."""
         model_path, _, done_path = self.paths(step)
-        states = glob.glob(os.path.join(glob.escape(self.path), f"state_{step:08d}_*.bin"))
-        for path in [done_path, model_path, *sorted(states)]:
+        for path in [done_path, model_path, *self._state_paths(step)]:
             if os.path.exists(path):
                 os.remove(path)
 
@@ -230,29 +242,87 @@ def _not_whole(broken):
 @dataclasses.dataclass
 class Checkpoint:
     """A whole checkpoint: its model file, and the state files of the ranks that wrote it with
-    -z zero_stage (one rank's file is the whole model's state for -z 0)."""
+    -z zero_stage (for -z 0 each holds the whole model's AdamW state), with what rank 0's says of
+    the run (info: step, random state, data position and what it means, without m and v)."""
     step: int
     model_path: str
     state_paths: list
     zero_stage: int
     num_params: int
+    info: OptimizerState
 
     @property
     def num_processes(self):
         return len(self.state_paths)
 
+    @property
+    def layout(self):
+        """(processes, -b) of the run's first start, whose data orders it keeps."""
+        return self.info.layout_processes, self.info.layout_micro_batch
+
+    def batch(self, B, T, d, nproc):
+        """The tokens per step to resume with: the checkpoint's -d, kept on any number of processes
+        and -b (gradient accumulation adapts). Another -t or -d, or a -d that does not split into
+        B*T*nproc, is refused in words every rank shares."""
+        info, where = self.info, f"the checkpoint at step {self.step}"
+        if T != info.seq_len:
+            fail(f"-t {T}: {where} was trained with -t {info.seq_len}, and its data position means another thing at "
+                 f"another sequence length: resume with -t {info.seq_len}")
+        if d not in (-1, info.tokens_per_step):
+            fail(f"-d {d}: {where} was trained with -d {info.tokens_per_step} (tokens a step), which a resumed run "
+                 f"keeps: resume with -d {info.tokens_per_step}, or leave -d out")
+        if info.tokens_per_step % (B * T * nproc):
+            fail(f"-b {B}: the total batch of {where}, {info.tokens_per_step} tokens (-d), does not split into "
+                 f"B*T*processes = {B * T * nproc}: choose -b and the number of processes so that it does")
+        return info.tokens_per_step
+
+    def check_data(self, pattern, fingerprint):
+        """-i must match shards of the lengths the run was trained on (a data position means nothing in others)."""
+        info = self.info
+        shards, tokens, _ = fingerprint
+        if fingerprint != (info.data_shards, info.data_tokens, info.data_hash):
+            same = (shards, tokens) == (info.data_shards, info.data_tokens)
+            fail(f"-i {pattern}: {shards} shard(s) of {tokens:,} tokens{' (of other lengths)' if same else ''}, and the "
+                 f"checkpoint at step {self.step} was trained on {info.data_shards} of {info.data_tokens:,}: its data "
+                 f"position means nothing in these; resume with the run's -i")
+
+    def change(self, nproc, B, zero_stage):
+        """What resuming on nproc processes with -b B and -z zero_stage changes, in a line, or None."""
+        info, processes = self.info, self.num_processes
+        restage = nproc > 1 and zero_stage != self.zero_stage  # -z means nothing to one process
+        if (nproc, B) == (processes, info.micro_batch) and not restage:
+            return None
+        said = []
+        if (nproc, B) != (processes, info.micro_batch):
+            accumulation = [info.tokens_per_step // (b * info.seq_len * n) for n, b in
+                            ((processes, info.micro_batch), (nproc, B))]
+            said.append(f"the total batch stays {info.tokens_per_step:,} tokens (gradient accumulation "
+                        f"{accumulation[0]} -> {accumulation[1]})")
+        if nproc != processes or restage:
+            said.append(f"AdamW's state is re-sharded from its {processes} state file(s)")
+        if (nproc, B) != self.layout:
+            said.append(f"the data goes on in the order of the run's first start ({self.layout[0]} process(es) with "
+                        f"-b {self.layout[1]}), none of the epoch repeated or skipped")
+        return (f"resuming on {nproc} process(es) with -b {B} -z {zero_stage} from a checkpoint written by "
+                f"{processes} with -b {info.micro_batch} -z {self.zero_stage}: " + ", ".join(said))
+
     def optimizer_state(self, nproc, rank, zero_stage):
-        """This rank's AdamW state and data position, for a run of nproc processes with -z
-        zero_stage; one that does not fit names the flag, in words every rank shares."""
-        if nproc != self.num_processes:
-            fail(f"-o {os.path.dirname(self.model_path)}: the checkpoint at step {self.step} was written by a run of "
-                 f"{self.num_processes} process(es), and this one has {nproc}: resume with the same number "
-                 f"(-pn {self.num_processes})")
-        if nproc > 1 and zero_stage != self.zero_stage:
-            fail(f"-z {zero_stage}: {os.path.dirname(self.model_path)} holds a checkpoint written by a "
-                 f"-z {self.zero_stage} run: resume with -z {self.zero_stage}")
+        """This rank's AdamW state (m, v and master weights over its optimizer_range for nproc
+        processes and -z zero_stage) gathered from the part of it each writer's file holds, so a
+        run resumes on any number of processes and either -z; no more than this rank's part is
+        read. Every other field is the same in every writer's file."""
         lo, hi = optimizer_range(self.num_params, nproc, rank, zero_stage)
-        return read_state(self.state_paths[rank], hi - lo)
+        writers = [(path, *optimizer_range(self.num_params, self.num_processes, w, self.zero_stage))
+                   for w, path in enumerate(self.state_paths)]
+        if self.zero_stage == 0:  # each writer's file holds it all: ranks read from different ones
+            writers = [writers[rank % self.num_processes]]
+        parts = [read_state(path, w_hi - w_lo, (max(lo, w_lo) - w_lo, min(hi, w_hi) - w_lo))
+                 for path, w_lo, w_hi in writers if max(lo, w_lo) < min(hi, w_hi)] or [self.info]
+        if len(parts) == 1:
+            return parts[0]
+        join = {name: np.concatenate([getattr(part, name) for part in parts]) for name in ("m", "v")}
+        master = None if parts[0].master is None else np.concatenate([part.master for part in parts])
+        return dataclasses.replace(parts[0], **join, master=master)
 
 
 @contextlib.contextmanager

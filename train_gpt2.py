@@ -578,6 +578,38 @@ def save_model(model, path):
     write_model(path, model.config, model.K.download(model.params[:model.num_params]), version)
 
 
+def checkpoint_state(model, loader, tokens_per_step, step, rng_state, rng_state_last_update, loss_detector,
+                     norm_detector):
+    """What a checkpoint keeps of this rank beside the model: AdamW's state over its
+    optimizer_range, the random state, the data position and what it means, the outlier windows."""
+    K = model.K
+    shards, tokens, data_hash = loader.data_fingerprint
+    return OptimizerState(
+        num_processes=model.world_size, rank=model.rank, use_master_weights=model.master is not None,
+        shuffle=loader.shuffle, step=step, rng_state=rng_state, rng_state_last_update=rng_state_last_update,
+        shard_index=loader.shard_index, sample_index=loader.sample_index, m=K.download(model.m),
+        v=K.download(model.v), master=None if model.master is None else K.download(model.master), epoch=loader.epoch,
+        epoch_samples=loader.epoch_samples, micro_batch=model.B, seq_len=model.T, tokens_per_step=tokens_per_step,
+        layout_processes=loader.layout[0], layout_micro_batch=loader.layout[1], data_shards=shards, data_tokens=tokens,
+        data_hash=data_hash, loss_window=loss_detector.window, norm_window=norm_detector.window)
+
+
+def load_optimizer_state(model, state, model_path):
+    """AdamW's m, v and master weights over the model's optimizer_range, from a checkpoint's state
+    (whose parameters came from model_path)."""
+    K = model.K
+    K.upload(model.m, state.m)
+    K.upload(model.v, state.v)
+    if state.master is not None and model.master is not None:
+        K.upload(model.master, state.master)
+    elif state.master is not None and model.params.dtype == np.float32:
+        K.upload(model.params[model.lo:model.hi], state.master)  # fp32 parameters are the master weights
+    elif model.master is not None:  # bf16 model file, no fp32 state: master weights from the parameters
+        print(f"the checkpoint of {model_path} holds no master weights: they start from its parameters")
+    elif state.master is not None:
+        print(f"-w 0: the master weights in the checkpoint of {model_path} are left unused")
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv):
@@ -700,13 +732,14 @@ def main(argv=None):
     rank = process.rank
     if rank != 0:  # rank 0 prints and logs for all; every rank's errors still reach stderr
         sys.stdout = open(os.devnull, "w")
-    tokens_per_step = args.d if args.d != -1 else B * T * nproc
-    grad_accum_steps = tokens_per_step // (B * T * nproc)
 
     # everything that reads a file, before anything is written
     run_dir = rundir.RunDir(args.o, rank) if args.o is not None else None
     checkpoint = run_dir.checkpoint(args.y) if run_dir else None
     resume_step = checkpoint.step if checkpoint else None
+    # a resumed run keeps its total batch, on any number of processes and -b
+    tokens_per_step = checkpoint.batch(B, T, args.d, nproc) if checkpoint else args.d if args.d != -1 else B * T * nproc
+    grad_accum_steps = tokens_per_step // (B * T * nproc)
     try:
         if checkpoint:
             config, params = load_params(checkpoint.model_path)
@@ -718,12 +751,15 @@ def main(argv=None):
             fail(f"-g {args.g}: more tokens to sample than the model's maximum sequence length {config.max_seq_len}: "
                  f"lower -g")
         sample_tokens = args.g if args.g is not None else min(SAMPLE_TOKENS, B * T, config.max_seq_len)
-        train_loader = DataLoader(args.i, B, T, config.vocab_size, rank, nproc, shuffle=not args.a)
+        train_loader = DataLoader(args.i, B, T, config.vocab_size, rank, nproc, shuffle=not args.a,
+                                  layout=checkpoint.layout if checkpoint else None, grad_accum_steps=grad_accum_steps)
         val_loader = DataLoader(args.j, B, T, config.vocab_size, rank, nproc) if args.v else None
         hellaswag = read_hellaswag(HELLASWAG) if args.h else None
         tokenizer = read_tokenizer(TOKENIZER)[0] if args.s and os.path.exists(TOKENIZER) else None
     except (FormatError, ValueError) as e:
         fail(str(e))
+    if checkpoint:
+        checkpoint.check_data(args.i, train_loader.data_fingerprint)
     if hellaswag and 4 * (max(len(ex.context) + max(map(len, ex.endings)) for ex in hellaswag) - 1) > B * T:
         fail(f"-h 1: the longest HellaSwag example does not fit in B*T = {B * T} tokens: raise -b or -t")
     num_steps = args.x if args.x != -1 else train_loader.num_tokens // tokens_per_step
@@ -739,13 +775,11 @@ def main(argv=None):
     if checkpoint:
         try:
             state = checkpoint.optimizer_state(nproc, rank, args.z)
+            train_loader.restore(state.epoch, state.epoch_samples)
         except FormatError as e:
             fail(str(e))
-        try:
-            train_loader.restore(state.epoch, state.shard_index, state.sample_index)
-        except ValueError as e:
-            fail(f"-o {args.o}: the checkpoint at step {resume_step}: {e}: its data position does not fit this run's "
-                 f"-i, -b, -t and -pn; resume with the run's original ones")
+        except ValueError as e:  # a position the data check let through: the trailer is not what it claims
+            fail(f"{checkpoint.state_paths[0]}: {e}")
     val_batches = 0
     if val_loader:
         val_batches = val_loader.num_batches if args.m == -1 else min(args.m, val_loader.num_batches)
@@ -761,18 +795,8 @@ def main(argv=None):
     rng_state = 13371337
     rng_state_last_update = rng_state  # the state that last update drew from, as llm.c's state file records
     loss_detector, norm_detector = OutlierDetector(), OutlierDetector()
-    if resume_step is not None:
-        K.upload(model.m, state.m)
-        K.upload(model.v, state.v)
-        if state.master is not None and model.master is not None:
-            K.upload(model.master, state.master)
-        elif state.master is not None and model.params.dtype == np.float32:
-            K.upload(model.params[model.lo:model.hi], state.master)  # fp32 parameters are the master weights
-        elif model.master is not None:  # bf16 model file, no fp32 state: master weights from the parameters
-            print(f"{checkpoint.state_paths[rank]} holds no master weights: they start from the checkpoint's "
-                  f"parameters")
-        elif state.master is not None:
-            print(f"-w 0: the master weights in {checkpoint.state_paths[rank]} are left unused")
+    if checkpoint:
+        load_optimizer_state(model, state, checkpoint.model_path)
         step, rng_state, rng_state_last_update = state.step, state.rng_state, state.rng_state_last_update
         loss_detector, norm_detector = OutlierDetector(state.loss_window), OutlierDetector(state.norm_window)
 
@@ -807,6 +831,8 @@ def main(argv=None):
         print(f"no tokenizer at {TOKENIZER} (python -m prepro.gpt2_tokenizer writes it): samples print as token ids")
     if resume_step is not None:
         print(f"resuming from {checkpoint.model_path} at step {resume_step}")
+        if change := checkpoint.change(nproc, B, args.z):
+            print(change)
         if args.e is not None:
             print(f"-e {args.e}: not used, as -y 1 goes on with the checkpoint's model")
     elif args.y:
@@ -827,13 +853,9 @@ def main(argv=None):
         last_step = step == num_steps
         # the checkpoint first: nothing that evaluates the model (val loss, HellaSwag, a sample) can lose training
         if args.n and step != resume_step and ((step > 0 and step % args.n == 0) or last_step):
-            run_dir.save(step, comm, lambda path: save_model(model, path), OptimizerState(
-                num_processes=nproc, rank=rank, use_master_weights=model.master is not None,
-                shuffle=train_loader.shuffle, step=step, rng_state=rng_state,
-                rng_state_last_update=rng_state_last_update, shard_index=train_loader.shard_index,
-                sample_index=train_loader.sample_index, m=K.download(model.m), v=K.download(model.v),
-                master=None if model.master is None else K.download(model.master),
-                epoch=train_loader.epoch, loss_window=loss_detector.window, norm_window=norm_detector.window))
+            run_dir.save(step, comm, lambda path: save_model(model, path), checkpoint_state(
+                model, train_loader, tokens_per_step, step, rng_state, rng_state_last_update, loss_detector,
+                norm_detector))
             if rank == 0:
                 run_dir.prune(args.nk, args.nm)
         if val_loader and (step % args.v == 0 or last_step):

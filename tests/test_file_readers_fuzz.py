@@ -26,7 +26,7 @@ def optimizer_state(master):
     return ff.OptimizerState(
         num_processes=2, rank=1, use_master_weights=master, shuffle=True, step=7, rng_state=5,
         rng_state_last_update=3, shard_index=1, sample_index=4, m=m, v=v, master=w if master else None,
-        epoch=1, loss_window=rng.standard_normal(3), norm_window=rng.standard_normal(2))
+        **dict.fromkeys(ff.TRAILER_FIELDS, 1), loss_window=rng.standard_normal(3), norm_window=rng.standard_normal(2))
 
 
 def hellaswag_examples():
@@ -70,9 +70,10 @@ def model_config(path):
     assert min(vars(config).values()) > 0 and config.channels % config.num_heads == 0
 
 
-def state(path):
-    read = ff.read_state(path, STATE_SIZE)
-    assert read.m.shape == read.v.shape == (STATE_SIZE,) and (read.master is None) != read.use_master_weights
+def state(path, part=None):
+    read = ff.read_state(path, STATE_SIZE, part)
+    size = STATE_SIZE if part is None else part[1] - part[0]
+    assert read.m.shape == read.v.shape == (size,) and (read.master is None) != read.use_master_weights
     assert 0 <= read.rank < read.num_processes and len(read.loss_window) <= 128 and len(read.norm_window) <= 128
 
 
@@ -104,6 +105,7 @@ READERS = {  # each reader, the kinds of valid file its mutations start from, an
     "read_model": (["model v3", "model v5"], model),
     "read_model_config": (["model v3", "model v5"], model_config),
     "read_state": (["state", "state with master weights"], state),
+    "read_state, a part": (["state", "state with master weights"], lambda p: state(p, (7, 30))),
     "state_shard_size": (["state", "state with master weights"], state_shard_size),
     "read_debug_state": (["debug state"], debug_state),
     "read_tokenizer": (["tokenizer"], tokenizer),

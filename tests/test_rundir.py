@@ -2,6 +2,7 @@
 directory, checkpoints that are not whole, resuming a finished run or with flags that change what
 the data position means, a full disk and a read-only directory."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -150,6 +151,38 @@ def test_missing_state_files_of_the_only_checkpoint_are_one_line_naming_one(two_
     assert result.stderr.splitlines() == [f"error: -o run: the checkpoint at step 4 is not whole ({expected}), and no "
                                           f"earlier one is: restore its files, or start again in another -o"]
     assert sorted(os.listdir(copy)) == before
+
+
+# ----------------------------------------------------------------------------- another -b with the same -d
+
+def losses(stdout):
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step +(\d+)/\d+ \| loss (\S+)", stdout, re.M)}
+
+
+def test_another_b_with_the_same_d_is_said_and_trains_on_the_same_rows(straight, data, tmp_path):
+    """-b 1 on a run of -b 2 and -d 64 (the default): gradient accumulation 2 instead of 1 over the
+    same rows as the run that never stopped, so the same losses but for float rounding (the rows a
+    loader of B=1 reads in its own order give a step-5 loss 0.05 away)."""
+    never_stopped = losses(run(*STRAIGHT, *data, "-x", "6", "-o", "never", cwd=tmp_path).stdout)
+    shutil.copytree(straight, tmp_path / "run")
+    result = run(*STRAIGHT, *data, "-x", "6", "-b", "1", "-o", "run", "-y", "1", cwd=tmp_path)
+    assert "resuming on 1 process(es) with -b 1 -z 0 from a checkpoint written by 1 with -b 2 -z 0: the total batch " \
+           "stays 64 tokens (gradient accumulation 1 -> 2), the data goes on in the order of the run's first start " \
+           "(1 process(es) with -b 2), none of the epoch repeated or skipped" in result.stdout.splitlines()
+    resumed = losses(result.stdout)
+    assert sorted(resumed) == [5, 6]
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(never_stopped[step], rel=1e-6, abs=0)
+
+
+def test_a_b_the_total_batch_does_not_split_into_is_one_line(straight, data, tmp_path):
+    copy = shutil.copytree(straight, tmp_path / "run")
+    result = run(*STRAIGHT, *data, "-x", "6", "-b", "3", "-o", "run", "-y", "1", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == ["error: -b 3: the total batch of the checkpoint at step 4, 64 tokens (-d), "
+                                          "does not split into B*T*processes = 96: choose -b and the number of "
+                                          "processes so that it does"], result.stderr
+    assert files(copy) == files(straight)
 
 
 # ----------------------------------------------------------------------------- a finished run
