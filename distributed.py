@@ -91,6 +91,12 @@ def identify(pn, pr, pg):
     return process
 
 
+def restart_count():
+    """How many times the ranks of this job have been restarted: TORCHELASTIC_RESTART_COUNT, which
+    torchrun (--max-restarts) and our launcher set, else 0."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT") if "TORCHELASTIC_RESTART_COUNT" in os.environ else 0
+
+
 def first_slurm_host(nodelist):
     """The first host of a Slurm node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
     m = re.match(r"([^,\[]+)(?:\[([^,\]-]+))?", nodelist)

@@ -665,6 +665,8 @@ def parse_args(argv):
     add("-pf", default="/tmp", help="a directory every rank can write, for -pi fs (default: /tmp)")
     add("--rendezvous-timeout", type=float, default=300.0, help="seconds the ranks wait for each other at start "
                                                                 "(default: %(default)g)")
+    add("--max-restarts", type=int, default=0, help="-pn N alone: when a rank dies, restart the N ranks up to this "
+                                                    "many times, going on from the newest checkpoint (default: 0)")
     return parser.parse_args(argv)
 
 
@@ -682,6 +684,7 @@ def check_args(args):
         (0 <= args.q <= 1, f"-q {args.q}: the final learning rate fraction must be in [0, 1]"),
         (args.sl >= 0 and args.sg >= 0, f"-sl {args.sl} -sg {args.sg}: z-score thresholds must not be negative"),
         (min(args.v, args.s, args.n, args.nk, args.nm) >= 0, "-v, -s, -n, -nk and -nm must not be negative"),
+        (args.max_restarts >= 0, f"--max-restarts {args.max_restarts}: must not be negative"),
         (args.m == -1 or args.m > 0, f"-m {args.m}: val batches must be positive, or -1 for the whole split"),
         (args.s == 0 or args.g is None or 1 < args.g <= max_sample,
          f"-g {args.g}: tokens to sample must be in 2..{max_sample} (min(1024, B*T))"),
@@ -728,14 +731,19 @@ def main(argv=None):
     if args.d != -1 and (args.d <= 0 or args.d % (B * T * nproc)):
         fail(f"-d {args.d}: the total batch must be a multiple of B*T*processes = {B * T * nproc}")
     if process is None:  # -pn N, and nothing gave this process a rank: it starts the N ranks itself
-        sys.exit(launcher.launch(os.path.abspath(__file__), argv, nproc, args.device))
+        sys.exit(launcher.launch(os.path.abspath(__file__), argv, nproc, args.device, args.max_restarts))
     rank = process.rank
     if rank != 0:  # rank 0 prints and logs for all; every rank's errors still reach stderr
         sys.stdout = open(os.devnull, "w")
 
     # everything that reads a file, before anything is written
+    restart = distributed.restart_count()  # torchrun's or our launcher's: a restart goes on as -y 1 would
+    if restart:
+        print(f"restart {restart} of this job (TORCHELASTIC_RESTART_COUNT): " + (
+            f"going on from the newest checkpoint in {args.o}, as -y 1 would" if args.o is not None else
+            "with no run directory (-o) to go on from, the run starts over"))
     run_dir = rundir.RunDir(args.o, rank) if args.o is not None else None
-    checkpoint = run_dir.checkpoint(args.y) if run_dir else None
+    checkpoint = run_dir.checkpoint(args.y or restart) if run_dir else None
     resume_step = checkpoint.step if checkpoint else None
     # a resumed run keeps its total batch, on any number of processes and -b
     tokens_per_step = checkpoint.batch(B, T, args.d, nproc) if checkpoint else args.d if args.d != -1 else B * T * nproc
@@ -835,8 +843,8 @@ def main(argv=None):
             print(change)
         if args.e is not None:
             print(f"-e {args.e}: not used, as -y 1 goes on with the checkpoint's model")
-    elif args.y:
-        print(f"-y 1: no checkpoint in {args.o} yet, starting from scratch")
+    elif run_dir and (args.y or restart):
+        print(f"{'-y 1' if args.y else 'restart'}: no checkpoint in {args.o} yet, starting from scratch")
     if resume_step is None and args.o is not None and os.path.exists(os.path.join(args.o, "main.log")):
         print(f"{os.path.join(args.o, 'main.log')}: an earlier run's log, with no checkpoint to resume from, "
               f"is replaced by this run's")

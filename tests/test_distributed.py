@@ -606,6 +606,87 @@ def test_process_flags_no_run_can_have_are_one_line_naming_what_is_wrong(pn, pr,
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
+# ----------------------------------------------------------------------------- restarting by itself
+
+RESTART = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-v", "10", "-m", "1", "-n", "2", "-x", "30", "-l", "1e-3",
+           "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def never_killed(data, tmp_path_factory):
+    """The RESTART run on 2 ranks, from start to end."""
+    cwd = tmp_path_factory.mktemp("never_killed")
+    train(*RESTART, *data, "-pn", "2", "-o", "run", cwd=cwd)
+    return cwd / "run"
+
+
+def rank_pid(marker, rank, other_than=()):
+    """The trainer process of `rank` whose environment carries marker (inherited from the test's
+    launcher, through whatever launches the ranks), waiting for it to start."""
+    def find():
+        for entry in Path("/proc").iterdir():
+            try:
+                environ = b"\0" + (entry / "environ").read_bytes()
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if (marker.encode() in environ and f"\0RANK={rank}\0".encode() in environ and b"train_gpt2.py" in cmdline
+                    and int(entry.name) not in other_than):
+                return int(entry.name)
+        return None
+    deadline = time.monotonic() + 120
+    while (pid := find()) is None:
+        assert time.monotonic() < deadline, f"no rank {rank} started"
+        time.sleep(0.05)
+    return pid
+
+
+def kill_rank_1_after_the_first_checkpoint(cmd, cwd, env):
+    """Start cmd, and SIGKILL rank 1 once the step-2 checkpoint is whole: (the process, rank 1's pid)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (cwd / "run" / "DONE_00000002").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint at step 2"
+        time.sleep(0.02)
+    pid = rank_pid(env["RESTART_TEST"], 1)
+    os.kill(pid, signal.SIGKILL)
+    return proc, pid
+
+
+@pytest.mark.parametrize("launcher", ["built-in", "torchrun"])
+def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_never_killed(never_killed, data, tmp_path, launcher):
+    """2 ranks, --max-restarts 1, rank 1 SIGKILLed after the first checkpoint: the ranks are started
+    again, go on from the newest checkpoint by themselves, and the run ends with the final model
+    and main.log of a run never killed, byte for byte."""
+    env = clean_env(RESTART_TEST=f"restart-{launcher}")
+    prefix = ([sys.executable, str(REPO / "train_gpt2.py"), "-pn", "2", "--max-restarts", "1"] if launcher == "built-in"
+              else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+                    "--monitor-interval", "0.1", "--master-port", str(free_port()), str(REPO / "train_gpt2.py")])
+    proc, _ = kill_rank_1_after_the_first_checkpoint([*prefix, *RESTART, *data, "-o", "run"], tmp_path, env)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = stdout.splitlines()
+    if launcher == "built-in":
+        assert "launcher: rank 1 of 2 was killed by SIGKILL: restarting the 2 ranks (restart 1 of at most 1), which " \
+               "go on from the newest checkpoint" in lines
+    assert "restart 1 of this job (TORCHELASTIC_RESTART_COUNT): going on from the newest checkpoint in run, as -y 1 " \
+           "would" in lines
+    assert any(line.startswith("resuming from run/model_") for line in lines)
+    for name in ("model_00000030.bin", "main.log"):
+        assert (tmp_path / "run" / name).read_bytes() == (never_killed / name).read_bytes(), name
+
+
+def test_with_its_restarts_spent_the_launcher_ends_in_one_line_as_without(data, tmp_path):
+    env = clean_env(RESTART_TEST="restarts-spent")
+    cmd = [sys.executable, str(REPO / "train_gpt2.py"), "-pn", "2", "--max-restarts", "1", *RESTART, *data, "-o", "run"]
+    proc, first = kill_rank_1_after_the_first_checkpoint(cmd, tmp_path, env)
+    os.kill(rank_pid(env["RESTART_TEST"], 1, other_than=[first]), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert stderr.splitlines() == ["error: rank 1 of 2 was killed by SIGKILL"], stderr
+    assert stdout.count("launcher: rank 1 of 2 was killed by SIGKILL: restarting") == 1
+
+
 # ----------------------------------------------------------------------------- the built-in launcher's faults
 
 def launch(tmp_path, rank_code, world_size, device="auto", env=None, cores=None):
