@@ -13,10 +13,20 @@ same shards see the same batches step for step:
 Each rank draws its own orders, as in llm.c: at one step the ranks read their slices of different
 samples, and over an epoch each rank reads its slice of every sample once.
 An epoch draws the same number of values whatever its orders (shards - 1, plus samples - 1 per shard),
-so the generator's place at any (epoch, shard_index) is known, and the position (epoch, shard_index,
-sample_index) is all that restoring the exact batch sequence needs: the orders are replayed from the seed.
+so the generator's place at any (epoch, shard_index) is known, and the position (epoch, samples read in
+it) is all that restoring the exact batch sequence needs: the orders are replayed from the seed.
+
+The orders belong to the run, not to the processes that happen to read them: a run resumed on another
+number of processes (or -b) keeps the layout it started with, (processes, B), whose ranks' orders are
+replayed as they were. Each step, layout rank r's order gives its next grad_accum micro-batches of B
+rows of T+1 tokens, as it would have, and the step's rows, layout rank by rank, are shared out in
+order among the processes now running, grad_accum micro-batches each. So a resumed run reads, step
+for step, the rows the run would have read had it never stopped: nothing in the epoch is repeated or
+skipped.
 """
+import dataclasses
 import glob
+import hashlib
 import os
 
 import numpy as np
@@ -27,16 +37,31 @@ SHUFFLE_SEED = 42  # llm.c seeds each rank's shuffle with 42 + rank
 
 
 class DataLoader:
-    def __init__(self, pattern, B, T, vocab_size, rank=0, num_processes=1, shuffle=False):
-        if min(B, T, num_processes) < 1 or not 0 <= rank < num_processes:
-            raise ValueError(f"need B, T, num_processes >= 1 and 0 <= rank < num_processes, "
-                             f"got B={B} T={T} rank={rank} num_processes={num_processes}")
+    """Rank `rank` of num_processes, reading grad_accum_steps micro-batches (B, T) a step, in the
+    orders of `layout`: (processes, B) of the run's first start, by default this run's own."""
+
+    def __init__(self, pattern, B, T, vocab_size, rank=0, num_processes=1, shuffle=False, layout=None,
+                 grad_accum_steps=1):
+        if min(B, T, num_processes, grad_accum_steps) < 1 or not 0 <= rank < num_processes:
+            raise ValueError(f"need B, T, num_processes, grad_accum_steps >= 1 and 0 <= rank < num_processes, got "
+                             f"B={B} T={T} rank={rank} num_processes={num_processes} "
+                             f"grad_accum_steps={grad_accum_steps}")
         self.pattern = pattern
         self.files = sorted(glob.glob(os.fspath(pattern)))
         if not self.files:
             raise FormatError(pattern, "no file matches this pattern")
-        self.B, self.T, self.rank, self.num_processes, self.shuffle = B, T, rank, num_processes, shuffle
-        self._stride = num_processes * B * T  # tokens between one sample's start and the next's
+        self.B, self.T, self.rank, self.shuffle = B, T, rank, shuffle
+        self.layout = layout or (num_processes, B)
+        layout_processes, layout_B = self.layout
+        step_rows = num_processes * B * grad_accum_steps
+        if min(self.layout) < 1 or step_rows % (layout_processes * layout_B):
+            raise ValueError(f"a step's {step_rows} rows do not share out as micro-batches of the data layout's "
+                             f"{layout_processes} process(es) of B={layout_B}")
+        self._layout_steps = step_rows // (layout_processes * layout_B)  # micro-batches of each order a step
+        self._rows = (rank * B * grad_accum_steps, (rank + 1) * B * grad_accum_steps)  # this rank's of the step
+        order_rows = self._layout_steps * layout_B
+        self._order_ranks = range(self._rows[0] // order_rows, (self._rows[1] - 1) // order_rows + 1)
+        self._stride = layout_processes * layout_B * T  # tokens between one sample's start and the next's
 
         # every header and length is checked now; token values, a whole read of the shard, only in the
         # first file now (a wrong tokenizer shows in every shard) and in each other on its first use, so a
@@ -46,11 +71,10 @@ class DataLoader:
         self._check_tokens(0)
         self._num_samples = [(len(tokens) - 1) // self._stride for tokens in self._tokens]
         self.num_tokens = sum(len(tokens) for tokens in self._tokens)
-        self.num_batches = sum(self._num_samples)
+        self.num_batches = sum(self._num_samples)  # samples in an epoch, of each order
 
         self.inputs = np.empty((B, T), dtype=np.int32)
         self.targets = np.empty((B, T), dtype=np.int32)
-        self._seed = SHUFFLE_SEED + rank
         self.reset()
 
     def _open_shard(self, path):
@@ -70,56 +94,101 @@ class DataLoader:
                                                      f"vocab size {vocab_size}")
             self._unchecked.remove(shard)
 
-    def reset(self):
-        self.epoch, self.shard_index, self.sample_index = 0, 0, 0
-        self._rng, self._shard_order, self._sample_order = self._replay(0, 0)
+    @property
+    def data_fingerprint(self):
+        """What a data position means here: (shards, tokens, a hash of each shard's length in order)."""
+        lengths = np.array([len(tokens) for tokens in self._tokens], dtype="<i8")
+        digest = hashlib.sha256(lengths.tobytes()).digest()
+        return len(self.files), self.num_tokens, int.from_bytes(digest[:8], "little", signed=True)
 
-    def restore(self, epoch, shard_index, sample_index):
-        num_shards = len(self.files)
+    # where the data stands: all of the layout's orders read the same number of samples, so one tells
+    @property
+    def epoch(self):
+        return self._order().epoch
+
+    @property
+    def epoch_samples(self):
+        """Samples each order has read in the current epoch."""
+        order = self._order()
+        return sum(self._num_samples[k] for k in order.shard_order[:order.shard_index]) + order.sample_index
+
+    @property
+    def shard_index(self):
+        return self._order().shard_index
+
+    @property
+    def sample_index(self):
+        return self._order().sample_index
+
+    def _order(self):
+        return self._orders[self._order_ranks[0]]
+
+    def reset(self):
+        self.restore(0, 0)
+
+    def restore(self, epoch, samples):
+        """Go to `samples` samples into `epoch`, in every order, each replayed from its seed."""
         if epoch < 0:
             raise ValueError(f"loader position epoch {epoch} is out of range: epochs count up from 0")
-        if not 0 <= shard_index < num_shards:
-            raise ValueError(f"loader position shard {shard_index} is out of range 0..{num_shards - 1}: "
-                             f"{self.pattern} matches {num_shards} shards")
-        rng, shard_order, sample_order = self._replay(epoch, shard_index)
-        count = len(sample_order)
-        if not 0 <= sample_index <= count:
-            raise ValueError(f"loader position sample {sample_index} is out of range 0..{count}: "
-                             f"shard position {shard_index} of epoch {epoch} holds {count} samples")
-        self.epoch, self.shard_index, self.sample_index = epoch, shard_index, sample_index
-        self._rng, self._shard_order, self._sample_order = rng, shard_order, sample_order
+        if not 0 <= samples <= self.num_batches:
+            raise ValueError(f"loader position sample {samples} is out of range 0..{self.num_batches}: an epoch of "
+                             f"{self.pattern} ({len(self.files)} shards) holds {self.num_batches} samples")
+        self._orders = {r: self._replay(r, epoch, samples) for r in self._order_ranks}
+        self._step_rows, self._next_row = [], 0
 
     def next_batch(self):
         """Fill and return (inputs, targets), each (B, T) int32; the same arrays every call, overwritten."""
-        if self.sample_index == len(self._sample_order):
-            self.shard_index, self.sample_index = self.shard_index + 1, 0
-            if self.shard_index == len(self.files):
-                self.epoch, self.shard_index = self.epoch + 1, 0
-                self._shuffle(self._shard_order, self._rng)
-            self._sample_order = self._new_sample_order(self._shard_order[self.shard_index], self._rng)
-        shard = self._shard_order[self.shard_index]
-        self._check_tokens(shard)
-        sample = self._sample_order[self.sample_index]
-        self.sample_index += 1
-
-        start = sample * self._stride + self.rank * self.B * self.T
-        window = self._tokens[shard][start:start + self.B * self.T + 1]  # (B*T + 1,) view of the memmap
-        np.copyto(self.inputs, window[:-1].reshape(self.B, self.T))
-        np.copyto(self.targets, window[1:].reshape(self.B, self.T))
+        if self._next_row == len(self._step_rows):
+            self._read_step()
+        rows = self._step_rows[self._next_row:self._next_row + self.B]
+        self._next_row += self.B
+        for i, (shard, start) in enumerate(rows):
+            window = self._tokens[shard][start:start + self.T + 1]  # (T + 1,) view of the memmap
+            np.copyto(self.inputs[i], window[:-1])
+            np.copyto(self.targets[i], window[1:])
         return self.inputs, self.targets
 
-    def _replay(self, epoch, shard_index):
-        """The generator, shard order and sample order as they stand once shard position `shard_index` of
-        `epoch` has been entered, replayed from the seed: every earlier epoch's shard shuffle is redone (each
-        permutes the last), the sample shuffles in between are skipped over by their known draw counts."""
-        rng = mt19937(self._seed) if self.shuffle else None
+    def _read_step(self):
+        """The (shard, first token) of each row this rank reads in the next step: of the step's rows,
+        layout rank by rank (each its order's next micro-batches), the span self._rows."""
+        layout_B, T = self.layout[1], self.T
+        first, last = self._rows
+        self._step_rows, self._next_row = [], 0
+        for r in self._order_ranks:
+            for j in range(self._layout_steps):
+                shard, sample = self._next_sample(self._orders[r])
+                start = sample * self._stride + r * layout_B * T  # layout rank r's slice of the sample
+                row = (r * self._layout_steps + j) * layout_B
+                self._step_rows += [(shard, start + i * T) for i in range(max(first - row, 0), min(last - row, layout_B))]
+
+    def _next_sample(self, order):
+        if order.sample_index == len(order.sample_order):
+            order.shard_index, order.sample_index = order.shard_index + 1, 0
+            if order.shard_index == len(self.files):
+                order.epoch, order.shard_index = order.epoch + 1, 0
+                self._shuffle(order.shard_order, order.rng)
+            order.sample_order = self._new_sample_order(order.shard_order[order.shard_index], order.rng)
+        shard = order.shard_order[order.shard_index]
+        self._check_tokens(shard)
+        order.sample_index += 1
+        return shard, order.sample_order[order.sample_index - 1]
+
+    def _replay(self, rank, epoch, samples):
+        """Layout rank `rank`'s order as it stands `samples` samples into `epoch`, replayed from its
+        seed: every earlier epoch's shard shuffle is redone (each permutes the last), the sample
+        shuffles in between are skipped over by their known draw counts. At a shard's last sample
+        it stays there, as the loader does until its next batch."""
+        rng = mt19937(SHUFFLE_SEED + rank) if self.shuffle else None
         shard_order = np.arange(len(self.files))
         for e in range(epoch + 1):
             if e:
                 skip(rng, sum(n - 1 for n in self._num_samples))
             self._shuffle(shard_order, rng)
+        ends = np.cumsum([self._num_samples[k] for k in shard_order])
+        shard_index = int(np.searchsorted(ends, samples))  # the shard whose samples include the samples-th
         skip(rng, sum(self._num_samples[k] - 1 for k in shard_order[:shard_index]))
-        return rng, shard_order, self._new_sample_order(shard_order[shard_index], rng)
+        return _Order(rng, shard_order, self._new_sample_order(shard_order[shard_index], rng), epoch, shard_index,
+                      samples - (int(ends[shard_index - 1]) if shard_index else 0))
 
     def _new_sample_order(self, shard, rng):
         order = np.arange(self._num_samples[shard])
@@ -130,6 +199,18 @@ class DataLoader:
     def _shuffle(order, rng):
         if rng is not None:
             random_permutation(order, rng)
+
+
+@dataclasses.dataclass
+class _Order:
+    """One layout rank's walk through the shards: its generator, the epoch's shard order, the
+    current shard's sample order, and where it stands."""
+    rng: object
+    shard_order: np.ndarray
+    sample_order: np.ndarray
+    epoch: int
+    shard_index: int
+    sample_index: int
 
 
 def mt19937(seed):

@@ -204,7 +204,8 @@ def write_model(path, config, params, version):
         _write(f, payload, dtype)
 
 
-def read_model(path):
+def _model_layout(path):
+    """A model file's config and version, checked against its header and size; all that is read is the header."""
     header, size = _read_header(path, MODEL_MAGIC, "an llm.c model checkpoint", MODEL_VERSIONS)
     version = int(header[1])
     config = GPT2Config(*header[2:8].tolist())
@@ -212,9 +213,22 @@ def read_model(path):
     if problem:
         raise FormatError(path, f"bad header: {problem}")
     n = num_parameters(config)
-    dtype = "<f4" if version == 3 else "<u2"
-    _check_size(path, size, [(dtype, n)], f"for {n} {MODEL_VERSIONS[version]} parameters")
-    (params,), _ = _read_payload(path, [(dtype, n)])
+    _check_size(path, size, [(_model_dtype(version), n)], f"for {n} {MODEL_VERSIONS[version]} parameters")
+    return config, version
+
+
+def _model_dtype(version):
+    return "<f4" if version == 3 else "<u2"
+
+
+def read_model_config(path):
+    """The config of a model file that read_model would take, without reading its parameters."""
+    return _model_layout(path)[0]
+
+
+def read_model(path):
+    config, version = _model_layout(path)
+    (params,), _ = _read_payload(path, [(_model_dtype(version), num_parameters(config))])
     return config, (params if version == 3 else params.view(ml_dtypes.bfloat16))
 
 
@@ -230,25 +244,40 @@ class OptimizerState:
     step: int
     rng_state: int
     rng_state_last_update: int
-    shard_index: int
+    shard_index: int              # where the first data order this rank reads stands (llm.c's fields)
     sample_index: int
     m: np.ndarray                 # (shard_size,) fp32 AdamW first moment
     v: np.ndarray                 # (shard_size,) fp32 second moment
     master: np.ndarray | None     # (shard_size,) fp32 master weights, if kept
-    # our trailer (llm.c puts its loader's permutations here; ours replays its generator from the
-    # seed to (epoch, shard, sample), so the epoch completes its state), and the outlier detectors'
-    # windows, so that a resumed run z-scores and skips exactly as the straight run would
-    epoch: int = 0
-    loss_window: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # float64
-    norm_window: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # float64
+    # our trailer. llm.c puts its loader's permutations here; ours replays its generators from the
+    # seed, so the epoch and the samples read in it complete the data position. Then what that
+    # position means: the run's batch and data, and the layout (processes, -b) of its first start,
+    # whose ranks' orders the data follows on any number of processes. Last the outlier detectors'
+    # windows, so that a resumed run z-scores and skips exactly as the straight run would.
+    epoch: int
+    epoch_samples: int            # samples each of the layout's orders has read in this epoch
+    micro_batch: int              # -b, -t and -d of the run that wrote the file
+    seq_len: int
+    tokens_per_step: int
+    layout_processes: int
+    layout_micro_batch: int
+    data_shards: int              # what -i matched: shards, tokens, and a hash of each shard's length
+    data_tokens: int
+    data_hash: int
+    loss_window: np.ndarray       # float64, at most WINDOW_SLOTS values each
+    norm_window: np.ndarray
 
 
 STATE_U64_SLOTS = {"rng_state": 20, "rng_state_last_update": 22, "shard_index": 30, "sample_index": 32}
-# our trailer, fixed size: int64 [magic, epoch, len(loss_window), len(norm_window)], then each window
-# as WINDOW_SLOTS float64 (llm.c's outlier window is 128 values), zero-padded
-STATE_TRAILER_MAGIC = 20261122
+# our trailer, fixed size: TRAILER_INTS int64 (magic, TRAILER_FIELDS, the two windows' lengths, then
+# zeros), then each window as WINDOW_SLOTS float64 (llm.c's outlier window is 128 values), zero-padded
+STATE_TRAILER_MAGIC = 20261202
+TRAILER_FIELDS = ("epoch", "epoch_samples", "micro_batch", "seq_len", "tokens_per_step", "layout_processes",
+                  "layout_micro_batch", "data_shards", "data_tokens", "data_hash")
+TRAILER_INTS = 16
 WINDOW_SLOTS = 128
-TRAILER_PARTS = [("<i8", 4), ("<f8", 2 * WINDOW_SLOTS)]
+TRAILER_PARTS = [("<i8", TRAILER_INTS), ("<f8", 2 * WINDOW_SLOTS)]
+TRAILER_BYTES = sum(np.dtype(dtype).itemsize * count for dtype, count in TRAILER_PARTS)
 
 
 def write_state(path, state):
@@ -263,7 +292,10 @@ def write_state(path, state):
     header[10] = state.step
     for name, slot in STATE_U64_SLOTS.items():
         _u64(header, slot)[0] = getattr(state, name)
-    trailer = np.array([STATE_TRAILER_MAGIC, state.epoch, len(state.loss_window), len(state.norm_window)], "<i8")
+    fields = [STATE_TRAILER_MAGIC, *(getattr(state, name) for name in TRAILER_FIELDS), len(state.loss_window),
+              len(state.norm_window)]
+    trailer = np.zeros(TRAILER_INTS, "<i8")
+    trailer[:len(fields)] = fields
     windows = np.zeros((2, WINDOW_SLOTS))
     windows[0, :len(state.loss_window)] = state.loss_window
     windows[1, :len(state.norm_window)] = state.norm_window
@@ -275,53 +307,67 @@ def write_state(path, state):
         _write(f, windows, "<f8")
 
 
-def _state_layout(path, shard_size, expected_processes):
-    """A state file's header, checked, and its parts for m, v (and master weights) of shard_size
-    values each, checked against the file's size: all that is read is the header."""
+def _state_header(path):
+    """A state file's header, checked, and the file's size; all that is read is the header."""
     header, size = _read_header(path, STATE_MAGIC, "an llm.c optimizer state", {1: ""})
     num_processes, rank, master, shuffle = header[2:6].tolist()
     step = int(header[10])
     if num_processes < 1 or not 0 <= rank < num_processes or master not in (0, 1) or shuffle not in (0, 1) or step < 0:
         raise FormatError(path, f"bad header: num_processes={num_processes} rank={rank} use_master_weights={master} "
                                 f"shuffle={shuffle} step={step}")
-    if expected_processes is not None and num_processes != expected_processes:
-        raise FormatError(path, f"written by a run of {num_processes} process(es), and this one has "
-                                f"{expected_processes}: resume with the same number (-pn {num_processes})")
-    parts = [("<f4", shard_size)] * (3 if master else 2)
-    note = f"for m, v{', master' if master else ''} of {shard_size} values each, then our trailer"
-    _check_size(path, size, parts + TRAILER_PARTS, note)
-    return header, parts
+    return header, size
 
 
-def state_fits(path, shard_size, expected_processes=None):
-    """Whether read_state would take the file as far as its payload: m, v (and master weights) of
-    shard_size values each, judged from its header and size alone, without reading what may be
-    gigabytes."""
-    try:
-        _state_layout(path, shard_size, expected_processes)
-    except FormatError:
-        return False
-    return True
+def state_shard_size(path):
+    """How many values each of a state file's m, v (and master weights) holds, and the number of
+    processes and the rank of the run that wrote it, judged from its header and size alone,
+    without reading what may be gigabytes."""
+    header, size = _state_header(path)
+    num_processes, rank, master = header[2:5].tolist()
+    arrays = 3 if master else 2
+    payload = size - HEADER_BYTES - TRAILER_BYTES
+    if payload < 0 or payload % (4 * arrays):
+        raise FormatError(path, f"file is {size} bytes: not the {HEADER_BYTES}-byte header, {arrays} fp32 arrays of "
+                                f"one length (m, v{', master' if master else ''}) and our {TRAILER_BYTES}-byte trailer")
+    return payload // (4 * arrays), num_processes, rank
 
 
-def read_state(path, shard_size, expected_processes=None):
-    """The state of one rank, whose m, v (and master weights) hold shard_size values each. With
-    expected_processes, a state written by a run of another number of processes is refused."""
-    header, parts = _state_layout(path, shard_size, expected_processes)
+def read_state(path, shard_size, part=None):
+    """The state of one rank, whose m, v (and master weights) hold shard_size values each; with
+    part=(start, stop), only those values of each are read."""
+    header, size = _state_header(path)
     num_processes, rank, master, shuffle = header[2:6].tolist()
-    step = int(header[10])
-    (*arrays, trailer, windows), _ = _read_payload(path, parts + TRAILER_PARTS)
-    magic, epoch, n_loss, n_norm = trailer.tolist()
+    arrays = 3 if master else 2
+    note = f"for m, v{', master' if master else ''} of {shard_size} values each, then our trailer"
+    _check_size(path, size, [("<f4", shard_size)] * arrays + TRAILER_PARTS, note)
+    start, stop = part or (0, shard_size)
+    assert 0 <= start <= stop <= shard_size, (start, stop, shard_size)
+    with open(path, "rb") as f:
+        values = []
+        for i in range(arrays):
+            f.seek(HEADER_BYTES + 4 * (i * shard_size + start))
+            values.append(np.fromfile(f, "<f4", stop - start).astype(np.float32))
+        f.seek(HEADER_BYTES + 4 * arrays * shard_size)
+        trailer, windows = (np.fromfile(f, dtype, count) for dtype, count in TRAILER_PARTS)
+    magic, *fields = trailer.tolist()
     if magic != STATE_TRAILER_MAGIC:
         raise FormatError(path, f"trailer magic {magic}, expected {STATE_TRAILER_MAGIC} (a state file not written "
-                                f"by train_gpt2.py, e.g. llm.c's, cannot be resumed here)")
-    if epoch < 0 or not 0 <= n_loss <= WINDOW_SLOTS or not 0 <= n_norm <= WINDOW_SLOTS:
-        raise FormatError(path, f"bad trailer: epoch={epoch}, windows of {n_loss} and {n_norm} values")
+                                f"by this train_gpt2.py, e.g. llm.c's or an earlier version's, cannot be resumed here)")
+    named = dict(zip(TRAILER_FIELDS, fields))
+    n_loss, n_norm = fields[len(TRAILER_FIELDS):len(TRAILER_FIELDS) + 2]
+    at_least_one = ("micro_batch", "seq_len", "tokens_per_step", "layout_processes", "layout_micro_batch",
+                    "data_shards")
+    if (min(named["epoch"], named["epoch_samples"], named["data_tokens"]) < 0
+            or min(named[name] for name in at_least_one) < 1
+            or not 0 <= n_loss <= WINDOW_SLOTS or not 0 <= n_norm <= WINDOW_SLOTS):
+        raise FormatError(path, f"bad trailer: {', '.join(f'{k}={v}' for k, v in named.items())}, windows of "
+                                f"{n_loss} and {n_norm} values")
+    windows = windows.astype(np.float64)
     return OptimizerState(
-        num_processes=num_processes, rank=rank, use_master_weights=bool(master), shuffle=bool(shuffle), step=step,
-        **{name: int(_u64(header, slot)[0]) for name, slot in STATE_U64_SLOTS.items()},
-        m=arrays[0], v=arrays[1], master=arrays[2] if master else None,
-        epoch=epoch, loss_window=windows[:n_loss], norm_window=windows[WINDOW_SLOTS:WINDOW_SLOTS + n_norm])
+        num_processes=num_processes, rank=rank, use_master_weights=bool(master), shuffle=bool(shuffle),
+        step=int(header[10]), **{name: int(_u64(header, slot)[0]) for name, slot in STATE_U64_SLOTS.items()},
+        m=values[0], v=values[1], master=values[2] if master else None, **named,
+        loss_window=windows[:n_loss], norm_window=windows[WINDOW_SLOTS:WINDOW_SLOTS + n_norm])
 
 
 # ----------------------------------------------------------------------------

@@ -15,13 +15,9 @@ are llm.c's (see --help), plus --device.
     python train_gpt2.py -e d6 -b 4 -t 128 -x 400 -n 100 -o log_d6 -y 1  # go on from its last checkpoint
 """
 import codecs
-import contextlib
-import glob
 import math
 import os
-import re
 import resource
-import signal
 import sys
 import time
 
@@ -29,12 +25,13 @@ import numpy as np
 
 from cli import ArgumentParser, fail, run
 from dataloader import DataLoader, mt19937
-from fileformats import (FormatError, GPT2Config, OptimizerState, atomic_write, num_parameters, param_shapes,
-                         read_hellaswag, read_model, read_state, read_tokenizer, state_fits, write_model,
-                         write_state)
+from fileformats import (FormatError, GPT2Config, OptimizerState, num_parameters, param_shapes, read_hellaswag,
+                         read_model, read_tokenizer, write_model)
 import distributed
-from distributed import shard_size
+from distributed import optimizer_range, shard_size
 from kernels import BuildError, cuda_backend, cuda_unavailable, reference
+import launcher
+import rundir
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -150,15 +147,6 @@ def carve(buffer, shapes):
 def layer(activation, l):
     """Layer l's slice of a per-layer activation; one that -r recomputes has a single slice for all."""
     return activation[l if activation.shape[0] > 1 else 0]
-
-
-def optimizer_range(num_params, world_size, rank, zero_stage):
-    """The elements [lo, hi) of the flat parameter buffer whose AdamW state (m, v, master weights)
-    this rank keeps and updates: all of them, or with ZeRO-1 its shard (the last one short)."""
-    if zero_stage == 0:
-        return 0, num_params
-    size = shard_size(num_params, world_size)
-    return min(rank * size, num_params), min((rank + 1) * size, num_params)
 
 
 class GPT2:
@@ -568,21 +556,6 @@ class Sampler:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def read_optimizer_state(path, num_params, nproc, rank, zero_stage):
-    """This rank's state file of a checkpoint, for -z zero_stage. With several processes -z 0 and
-    -z 1 keep different shares of the AdamW state, and the file's size is all that tells them
-    apart: one that fits the other stage's share names -z, in words every rank shares."""
-    shares = [hi - lo for lo, hi in (optimizer_range(num_params, nproc, rank, z) for z in (0, 1))]
-    try:
-        return read_state(path, shares[zero_stage], nproc)
-    except FormatError:
-        other = 1 - zero_stage
-        if shares[other] != shares[zero_stage] and state_fits(path, shares[other], nproc):
-            raise ValueError(f"-z {zero_stage}: {os.path.dirname(path)} holds a checkpoint written by a -z {other} "
-                             f"run: resume with -z {other}") from None
-        raise
-
-
 def load_params(path):
     """A model checkpoint (version 3 fp32 or 5 bf16) as (config, fp32 params)."""
     config, stored = read_model(path)
@@ -608,94 +581,36 @@ def save_model(model, path):
     write_model(path, model.config, model.K.download(model.params[:model.num_params]), version)
 
 
-def checkpoint_paths(run_dir, step, rank=0):
-    return (os.path.join(run_dir, f"model_{step:08d}.bin"), os.path.join(run_dir, f"state_{step:08d}_{rank:05d}.bin"),
-            os.path.join(run_dir, f"DONE_{step:08d}"))
+def checkpoint_state(model, loader, tokens_per_step, step, rng_state, rng_state_last_update, loss_detector,
+                     norm_detector):
+    """What a checkpoint keeps of this rank beside the model: AdamW's state over its
+    optimizer_range, the random state, the data position and what it means, the outlier windows."""
+    K = model.K
+    shards, tokens, data_hash = loader.data_fingerprint
+    return OptimizerState(
+        num_processes=model.world_size, rank=model.rank, use_master_weights=model.master is not None,
+        shuffle=loader.shuffle, step=step, rng_state=rng_state, rng_state_last_update=rng_state_last_update,
+        shard_index=loader.shard_index, sample_index=loader.sample_index, m=K.download(model.m),
+        v=K.download(model.v), master=None if model.master is None else K.download(model.master), epoch=loader.epoch,
+        epoch_samples=loader.epoch_samples, micro_batch=model.B, seq_len=model.T, tokens_per_step=tokens_per_step,
+        layout_processes=loader.layout[0], layout_micro_batch=loader.layout[1], data_shards=shards, data_tokens=tokens,
+        data_hash=data_hash, loss_window=loss_detector.window, norm_window=norm_detector.window)
 
 
-def done_steps(run_dir):
-    """Steps with a complete checkpoint in run_dir, ascending."""
-    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    return sorted(int(m.group(1)) for m in map(re.compile(r"DONE_(\d{8})$").match, names) if m)
-
-
-def save_checkpoint(run_dir, step, model, comm, state):
-    """model_ (rank 0), state_ (one per rank) and DONE_ for this step. Every file is written in
-    full under a temporary name first; once every rank's are, each rank renames its own and,
-    once every rank has, rank 0 writes DONE, all with SIGINT/SIGTERM held back. So a run stopped
-    by a signal leaves either the whole checkpoint or only .partial files; only SIGKILL or a power
-    cut can land between a rename and DONE, and the next run's clean_run_dir removes files whose
-    DONE never came."""
-    model_path, state_path, done_path = checkpoint_paths(run_dir, step, comm.rank)
-    renames = [(state_path + ".partial", state_path)]
-    if comm.rank == 0:
-        save_model(model, model_path + ".partial")
-        renames.insert(0, (model_path + ".partial", model_path))
-    write_state(state_path + ".partial", state)
-    comm.barrier()
-    with signals_held():
-        for partial, path in renames:
-            os.replace(partial, path)
-        comm.barrier()
-        if comm.rank == 0:
-            with atomic_write(done_path):
-                pass
-
-
-@contextlib.contextmanager
-def signals_held():
-    """SIGINT and SIGTERM wait until the block is over."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def remove_checkpoint(run_dir, step):
-    """DONE first (never a DONE without its files), then the model and every rank's state."""
-    model_path, _, done_path = checkpoint_paths(run_dir, step)
-    states = glob.glob(os.path.join(glob.escape(run_dir), f"state_{step:08d}_*.bin"))
-    for path in [done_path, model_path, *sorted(states)]:
-        if os.path.exists(path):
-            os.remove(path)
-
-
-def prune_checkpoints(run_dir, keep, major_every):
-    """Keep the newest `keep` checkpoints (0: all), and every one whose step is a multiple of major_every."""
-    if keep > 0:
-        for step in done_steps(run_dir)[:-keep]:
-            if major_every == 0 or step % major_every != 0:
-                remove_checkpoint(run_dir, step)
-
-
-def clean_run_dir(run_dir):
-    """Remove what an interrupted write left behind: temporary files (save_checkpoint's .partial,
-    atomic_write's .tmp<pid>), and model or state files whose DONE never came."""
-    done = set(done_steps(run_dir))
-    for name in os.listdir(run_dir):
-        m = re.match(r"(model|state)_(\d{8})[._]", name)
-        if re.search(r"\.partial$|\.tmp\d+$", name) or (m and int(m.group(2)) not in done):
-            os.remove(os.path.join(run_dir, name))
-
-
-class Log:
-    """main.log in llm.c's line format (s:<step> trl:/tel:/eval:). A resumed run first drops the
-    lines of steps it is about to redo, so the log reads as if the run had never stopped."""
-
-    def __init__(self, run_dir, first_step):
-        self.path = os.path.join(run_dir, "main.log")
-        kept = []
-        if first_step > 0 and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if (m := re.match(r"s:(\d+) ", line)) and int(m.group(1)) < first_step]
-        with atomic_write(self.path) as f:
-            f.write("".join(kept).encode())
-        self.file = open(self.path, "a")
-
-    def write(self, line):
-        self.file.write(line + "\n")
-        self.file.flush()
+def load_optimizer_state(model, state, model_path):
+    """AdamW's m, v and master weights over the model's optimizer_range, from a checkpoint's state
+    (whose parameters came from model_path)."""
+    K = model.K
+    K.upload(model.m, state.m)
+    K.upload(model.v, state.v)
+    if state.master is not None and model.master is not None:
+        K.upload(model.master, state.master)
+    elif state.master is not None and model.params.dtype == np.float32:
+        K.upload(model.params[model.lo:model.hi], state.master)  # fp32 parameters are the master weights
+    elif model.master is not None:  # bf16 model file, no fp32 state: master weights from the parameters
+        print(f"the checkpoint of {model_path} holds no master weights: they start from its parameters")
+    elif state.master is not None:
+        print(f"-w 0: the master weights in the checkpoint of {model_path} are left unused")
 
 
 # ----------------------------------------------------------------------------- main
@@ -754,6 +669,8 @@ def parse_args(argv):
     add("-pf", default="/tmp", help="a directory every rank can write, for -pi fs (default: /tmp)")
     add("--rendezvous-timeout", type=float, default=300.0, help="seconds the ranks wait for each other at start "
                                                                 "(default: %(default)g)")
+    add("--max-restarts", type=int, default=0, help="-pn N alone: when a rank dies, restart the N ranks up to this "
+                                                    "many times, going on from the newest checkpoint (default: 0)")
     return parser.parse_args(argv)
 
 
@@ -771,6 +688,7 @@ def check_args(args):
         (0 <= args.q <= 1, f"-q {args.q}: the final learning rate fraction must be in [0, 1]"),
         (args.sl >= 0 and args.sg >= 0, f"-sl {args.sl} -sg {args.sg}: z-score thresholds must not be negative"),
         (min(args.v, args.s, args.n, args.nk, args.nm) >= 0, "-v, -s, -n, -nk and -nm must not be negative"),
+        (args.max_restarts >= 0, f"--max-restarts {args.max_restarts}: must not be negative"),
         (args.m == -1 or args.m > 0, f"-m {args.m}: val batches must be positive, or -1 for the whole split"),
         (args.s == 0 or args.g is None or 1 < args.g <= max_sample,
          f"-g {args.g}: tokens to sample must be in 2..{max_sample} (min(1024, B*T))"),
@@ -825,35 +743,26 @@ def main(argv=None):
     if args.d != -1 and (args.d <= 0 or args.d % (B * T * nproc)):
         fail(f"-d {args.d}: the total batch must be a multiple of B*T*processes = {B * T * nproc}")
     if process is None:  # -pn N, and nothing gave this process a rank: it starts the N ranks itself
-        sys.exit(distributed.launch(os.path.abspath(__file__), argv, nproc, args.device))
+        sys.exit(launcher.launch(os.path.abspath(__file__), argv, nproc, args.device, args.max_restarts))
     rank = process.rank
     if rank != 0:  # rank 0 prints and logs for all; every rank's errors still reach stderr
         sys.stdout = open(os.devnull, "w")
-    tokens_per_step = args.d if args.d != -1 else B * T * nproc
-    grad_accum_steps = tokens_per_step // (B * T * nproc)
 
     # everything that reads a file, before anything is written
-    resume_step = None
-    if args.o is not None and os.path.exists(args.o) and not os.path.isdir(args.o):
-        fail(f"-o {args.o}: is a file, not a directory")
-    if args.o is not None and os.path.isdir(args.o):
-        if rank == 0:
-            clean_run_dir(args.o)
-        steps = done_steps(args.o)
-        if steps and not args.y:
-            fail(f"-o {args.o} already holds checkpoints (up to step {steps[-1]}): resume with -y 1, "
-                 f"or give another run directory")
-        resume_step = steps[-1] if steps and args.y else None
-    if resume_step is not None:  # before any rank looks for its own state file, which another count may lack
-        written_by = len(glob.glob(os.path.join(glob.escape(args.o), f"state_{resume_step:08d}_*.bin")))
-        if written_by != nproc:
-            fail(f"-o {args.o}: the checkpoint at step {resume_step} was written by a run of {written_by} process(es), "
-                 f"and this one has {nproc}: resume with the same number (-pn {written_by})")
+    restart = distributed.restart_count()  # torchrun's or our launcher's: a restart goes on as -y 1 would
+    if restart:
+        print(f"restart {restart} of this job (TORCHELASTIC_RESTART_COUNT): " + (
+            f"going on from the newest checkpoint in {args.o}, as -y 1 would" if args.o is not None else
+            "with no run directory (-o) to go on from, the run starts over"))
+    run_dir = rundir.RunDir(args.o, rank) if args.o is not None else None
+    checkpoint = run_dir.checkpoint(args.y or restart) if run_dir else None
+    resume_step = checkpoint.step if checkpoint else None
+    # a resumed run keeps its total batch, on any number of processes and -b
+    tokens_per_step = checkpoint.batch(B, T, args.d, nproc) if checkpoint else args.d if args.d != -1 else B * T * nproc
+    grad_accum_steps = tokens_per_step // (B * T * nproc)
     try:
-        if resume_step is not None:
-            model_path, state_path, _ = checkpoint_paths(args.o, resume_step, rank)
-            config, params = load_params(model_path)
-            state = read_optimizer_state(state_path, params.size, nproc, rank, args.z)
+        if checkpoint:
+            config, params = load_params(checkpoint.model_path)
         else:
             config, params = load_or_init(DEFAULT_MODEL if args.e is None else args.e)
         if T > config.max_seq_len:
@@ -862,18 +771,15 @@ def main(argv=None):
             fail(f"-g {args.g}: more tokens to sample than the model's maximum sequence length {config.max_seq_len}: "
                  f"lower -g")
         sample_tokens = args.g if args.g is not None else min(SAMPLE_TOKENS, B * T, config.max_seq_len)
-        train_loader = DataLoader(args.i, B, T, config.vocab_size, rank, nproc, shuffle=not args.a)
+        train_loader = DataLoader(args.i, B, T, config.vocab_size, rank, nproc, shuffle=not args.a,
+                                  layout=checkpoint.layout if checkpoint else None, grad_accum_steps=grad_accum_steps)
         val_loader = DataLoader(args.j, B, T, config.vocab_size, rank, nproc) if args.v else None
         hellaswag = read_hellaswag(HELLASWAG) if args.h else None
         tokenizer = read_tokenizer(TOKENIZER)[0] if args.s and os.path.exists(TOKENIZER) else None
     except (FormatError, ValueError) as e:
         fail(str(e))
-    if resume_step is not None:
-        try:
-            train_loader.restore(state.epoch, state.shard_index, state.sample_index)
-        except ValueError as e:
-            fail(f"-o {args.o}: the checkpoint at step {resume_step}: {e}: its data position does not fit this run's "
-                 f"-i, -b, -t and -pn; resume with the run's original ones")
+    if checkpoint:
+        checkpoint.check_data(args.i, train_loader.data_fingerprint)
     if hellaswag and 4 * (max(len(ex.context) + max(map(len, ex.endings)) for ex in hellaswag) - 1) > B * T:
         fail(f"-h 1: the longest HellaSwag example does not fit in B*T = {B * T} tokens: raise -b or -t")
     num_steps = args.x if args.x != -1 else train_loader.num_tokens // tokens_per_step
@@ -882,6 +788,18 @@ def main(argv=None):
     if resume_step is not None and resume_step > num_steps:
         fail(f"-x {args.x}: nothing to train: the newest checkpoint in {args.o} is at step {resume_step}, beyond "
              f"step {num_steps}; raise -x to go on from it")
+    if resume_step == num_steps:  # its end-of-run evaluation is in main.log already
+        print(f"-o {args.o}: the run is finished: its newest checkpoint is at step {num_steps}, the last one: nothing "
+              f"to train, and nothing is changed (raise -x to train on)")
+        return
+    if checkpoint:
+        try:
+            state = checkpoint.optimizer_state(nproc, rank, args.z)
+            train_loader.restore(state.epoch, state.epoch_samples)
+        except FormatError as e:
+            fail(str(e))
+        except ValueError as e:  # a position the data check let through: the trailer is not what it claims
+            fail(f"{checkpoint.state_paths[0]}: {e}")
     val_batches = 0
     if val_loader:
         val_batches = val_loader.num_batches if args.m == -1 else min(args.m, val_loader.num_batches)
@@ -897,17 +815,8 @@ def main(argv=None):
     rng_state = 13371337
     rng_state_last_update = rng_state  # the state that last update drew from, as llm.c's state file records
     loss_detector, norm_detector = OutlierDetector(), OutlierDetector()
-    if resume_step is not None:
-        K.upload(model.m, state.m)
-        K.upload(model.v, state.v)
-        if state.master is not None and model.master is not None:
-            K.upload(model.master, state.master)
-        elif state.master is not None and model.params.dtype == np.float32:
-            K.upload(model.params[model.lo:model.hi], state.master)  # fp32 parameters are the master weights
-        elif model.master is not None:  # bf16 model file, no fp32 state: master weights from the parameters
-            print(f"{state_path} holds no master weights: they start from the checkpoint's parameters")
-        elif state.master is not None:
-            print(f"-w 0: the master weights in {state_path} are left unused")
+    if checkpoint:
+        load_optimizer_state(model, state, checkpoint.model_path)
         step, rng_state, rng_state_last_update = state.step, state.rng_state, state.rng_state_last_update
         loss_detector, norm_detector = OutlierDetector(state.loss_window), OutlierDetector(state.norm_window)
 
@@ -941,19 +850,20 @@ def main(argv=None):
     if args.s and tokenizer is None:
         print(f"no tokenizer at {TOKENIZER} (python -m prepro.gpt2_tokenizer writes it): samples print as token ids")
     if resume_step is not None:
-        print(f"resuming from {model_path} at step {resume_step}")
+        print(f"resuming from {checkpoint.model_path} at step {resume_step}")
+        if change := checkpoint.change(nproc, B, args.z):
+            print(change)
         if args.e is not None:
             print(f"-e {args.e}: not used, as -y 1 goes on with the checkpoint's model")
-    elif args.y:
-        print(f"-y 1: no checkpoint in {args.o} yet, starting from scratch")
+    elif run_dir and (args.y or restart):
+        print(f"{'-y 1' if args.y else 'restart'}: no checkpoint in {args.o} yet, starting from scratch")
     if resume_step is None and args.o is not None and os.path.exists(os.path.join(args.o, "main.log")):
         print(f"{os.path.join(args.o, 'main.log')}: an earlier run's log, with no checkpoint to resume from, "
               f"is replaced by this run's")
 
     log = None
-    if args.o is not None:
-        os.makedirs(args.o, exist_ok=True)
-        log = Log(args.o, step) if rank == 0 else None
+    if run_dir:
+        log = run_dir.start(step, comm)
         print(f"run directory: {args.o}")
 
     sampler = Sampler(model, sample_tokens) if args.s and rank == 0 else None  # its KV cache, before the loop
@@ -963,15 +873,11 @@ def main(argv=None):
         last_step = step == num_steps
         # the checkpoint first: nothing that evaluates the model (val loss, HellaSwag, a sample) can lose training
         if args.n and step != resume_step and ((step > 0 and step % args.n == 0) or last_step):
-            save_checkpoint(args.o, step, model, comm, OptimizerState(
-                num_processes=nproc, rank=rank, use_master_weights=model.master is not None,
-                shuffle=train_loader.shuffle, step=step, rng_state=rng_state,
-                rng_state_last_update=rng_state_last_update, shard_index=train_loader.shard_index,
-                sample_index=train_loader.sample_index, m=K.download(model.m), v=K.download(model.v),
-                master=None if model.master is None else K.download(model.master),
-                epoch=train_loader.epoch, loss_window=loss_detector.window, norm_window=norm_detector.window))
+            run_dir.save(step, comm, lambda path: save_model(model, path), checkpoint_state(
+                model, train_loader, tokens_per_step, step, rng_state, rng_state_last_update, loss_detector,
+                norm_detector))
             if rank == 0:
-                prune_checkpoints(args.o, args.nk, args.nm)
+                run_dir.prune(args.nk, args.nm)
         if val_loader and (step % args.v == 0 or last_step):
             loss = comm.sum([val_loss(model, val_loader, val_batches)])[0] / nproc  # each rank has its own batches
             if not math.isfinite(loss):
@@ -1001,7 +907,7 @@ def main(argv=None):
             train_loader.reset()
         loss, norm = gradients(model, comm, train_loader, grad_accum_steps)
         if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank, so every rank stops here
-            saved = done_steps(args.o) if args.o is not None else []
+            saved = run_dir.done_steps() if run_dir else []
             fail(f"step {step + 1}/{num_steps}: the loss is {loss} and the grad norm {norm}: training diverged, and "
                  f"this update is not made; lower -l" + (f", and resume from the checkpoint at step {saved[-1]} "
                                                           f"with -y 1" if saved else ""))

@@ -220,7 +220,7 @@ def test_reset_goes_back_to_the_first_batch(tmp_path, shuffle):
     loader = DataLoader(pattern, B, T, VOCAB, shuffle=shuffle)
     start = take(loader, 25)
     loader.reset()
-    assert (loader.epoch, loader.shard_index, loader.sample_index) == (0, 0, 0)
+    assert (loader.epoch, loader.epoch_samples, loader.shard_index, loader.sample_index) == (0, 0, 0, 0)
     assert_batches_equal(take(loader, 25), start)
 
 
@@ -235,11 +235,12 @@ def test_restore_resumes_exactly_from_every_position(tmp_path, shuffle, P, rank)
     for stop in range(2 * original.num_batches + 2):
         original.reset()
         take(original, stop)
-        position = (original.epoch, original.shard_index, original.sample_index)
+        position = (original.epoch, original.epoch_samples)
         positions.add(position)
         take(resumed, stop % 5 + 1)  # the resumed loader is mid-run, its cached orders belonging elsewhere
         resumed.restore(*position)
-        assert (resumed.epoch, resumed.shard_index, resumed.sample_index) == position
+        assert (resumed.epoch, resumed.epoch_samples) == position
+        assert (resumed.shard_index, resumed.sample_index) == (original.shard_index, original.sample_index)
         assert_batches_equal(take(resumed, 40), take(original, 40))
     assert len(positions) == 2 * original.num_batches + 2
 
@@ -307,21 +308,20 @@ def test_a_token_outside_the_vocab_is_a_format_error(tmp_path, bad):
 
 
 @pytest.mark.parametrize("position, names", [
-    ((-1, 0, 0), ["epoch -1"]),
-    ((0, 4, 0), ["shard 4", "0..3", "shard_*.bin", "4 shards"]),
-    ((0, -1, 0), ["shard -1", "0..3"]),
-    ((0, 1, 5), ["sample 5", "0..4", "4 samples"]),  # unshuffled, shard position 1 is the 25-token shard
-    ((0, 1, -1), ["sample -1", "0..4"]),
+    ((-1, 0), ["epoch -1"]),
+    ((0, 25), ["sample 25", "0..24", "shard_*.bin", "4 shards", "24 samples"]),
+    ((0, -1), ["sample -1", "0..24"]),
 ])
 def test_restoring_a_position_out_of_range_is_a_value_error(tmp_path, position, names):
     pattern, _ = write_shards(tmp_path)
     loader = DataLoader(pattern, B, T, VOCAB)
-    loader.restore(0, 1, 4)  # the end of a shard is a position: the next batch starts the next shard
+    loader.restore(0, 10)  # the end of a shard (6 + 4 samples) is a position: the next batch starts the next shard
+    assert (loader.shard_index, loader.sample_index) == (1, 4)
     assert_batches_equal(take(loader, 1), take(DataLoader(pattern, B, T, VOCAB), 11)[10:])
     with pytest.raises(ValueError) as info:
         loader.restore(*position)
     assert assert_one_line(info, *names).startswith("loader position ")
-    assert (loader.epoch, loader.shard_index, loader.sample_index) == (0, 2, 1)  # a refused restore moves nothing
+    assert (loader.epoch, loader.epoch_samples, loader.shard_index, loader.sample_index) == (0, 11, 2, 1)  # unmoved
 
 
 @pytest.mark.parametrize("kwargs", [dict(rank=2, num_processes=2), dict(rank=-1), dict(num_processes=0)])
@@ -330,3 +330,46 @@ def test_an_impossible_rank_is_a_value_error(tmp_path, kwargs):
     with pytest.raises(ValueError) as info:
         DataLoader(pattern, B, T, VOCAB, **kwargs)
     assert_one_line(info, *(f"{key}={value}" for key, value in kwargs.items()))
+
+
+# ----------------------------------------------------------------------------
+# a run's data layout, kept on another number of processes or micro-batch
+
+def step_rows(loaders, grad_accum_steps):
+    """Each loader's next step, as the multiset (sorted list) of its rows' first tokens; the shards'
+    tokens are their positions, so a row's first token says which row it is."""
+    return sorted(int(x) for loader in loaders for _ in range(grad_accum_steps) for x in loader.next_batch()[0][:, 0])
+
+
+@pytest.mark.parametrize("processes, micro_batch", [(2, 3), (4, 3), (3, 4), (1, 12), (6, 1), (4, 1), (1, 1)])
+def test_another_number_of_processes_reads_the_layout_s_rows_step_for_step(tmp_path, processes, micro_batch):
+    """The layout: 2 processes of B=3, grad accumulation 2, 12 rows a step. Any processes x B that
+    split 12 rows read exactly the layout's rows of every step, over three epochs, and from a
+    restored position (samples into an epoch, as a state file records it) on as well."""
+    lengths = (100, 66, 85)  # stride 2*3*T = 12 tokens: 8, 5 and 7 samples
+    shards = np.split(np.arange(sum(lengths)), np.cumsum(lengths)[:-1])
+    for i, tokens in enumerate(shards):
+        ff.write_shard(tmp_path / f"shard_{i}.bin", tokens)
+    pattern = str(tmp_path / "shard_*.bin")
+    layout = [DataLoader(pattern, 3, 2, 1000, rank=r, num_processes=2, shuffle=True, grad_accum_steps=2)
+              for r in range(2)]
+    grad_accum = 12 // (processes * micro_batch)
+    ours = [DataLoader(pattern, micro_batch, 2, 1000, rank=r, num_processes=processes, shuffle=True, layout=(2, 3),
+                       grad_accum_steps=grad_accum) for r in range(processes)]
+    assert layout[0].num_batches == 20
+    for step in range(3 * 10):
+        expected = step_rows(layout, 2)
+        assert step_rows(ours, grad_accum) == expected, step
+        assert len(set(expected)) == 12
+    for loader in ours + layout:
+        loader.restore(1, 13)
+    for step in range(5):
+        assert step_rows(ours, grad_accum) == step_rows(layout, 2), step
+    assert {(loader.epoch, loader.epoch_samples) for loader in ours + layout} == {(2, 3)}  # 13 + 5 * 2 = 20 + 3
+
+
+def test_a_step_that_does_not_share_out_as_the_layout_s_micro_batches_is_a_value_error(tmp_path):
+    pattern, _ = write_shards(tmp_path)
+    with pytest.raises(ValueError) as info:
+        DataLoader(pattern, 1, T, VOCAB, rank=0, num_processes=3, layout=(2, 2))
+    assert_one_line(info, "3 rows", "2 process(es) of B=2")

@@ -1,8 +1,10 @@
 """Several processes, for real, on the CPU: the NumPy backend over gloo, started by our launcher, by
 torchrun, and by hand as srun and mpirun start them. The reference for every multi-process run is
 the one-process run with the same total batch; ZeRO-1 is checked against ZeRO-0 bit for bit."""
+import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +18,9 @@ import pytest
 
 import train_gpt2 as gpt
 import distributed
-from fileformats import GPT2Config, num_parameters, param_shapes, read_model, read_state, write_shard
+import rundir
+from dataloader import DataLoader
+from fileformats import GPT2Config, num_parameters, param_shapes, read_model, read_state, write_shard, write_state
 
 REPO = Path(__file__).resolve().parents[1]
 # 1 layer, C=64; -a 1 trains every step on the first 256 tokens, so every world size sees the same
@@ -249,6 +253,161 @@ def test_resume_with_two_ranks_and_zero1_is_bit_exact(data, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+# ----------------------------------------------------------------------------- elastic: resume on another count
+
+# A child that runs the trainer and records, per rank, the first token of every row each train
+# micro-batch holds (the shards' tokens are their positions, so a row says where it was), and the
+# AdamW m and v the rank holds when its first step begins
+RECORDER = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {repo!r})
+    import numpy as np
+    import cli, train_gpt2 as gpt
+    from dataloader import DataLoader
+    out, argv, rank = sys.argv[1], sys.argv[2:], os.environ.get("RANK", "0")
+    rows, next_batch, gradients = [], DataLoader.next_batch, gpt.gradients
+
+    def recording(loader):
+        inputs, targets = next_batch(loader)
+        if loader.shuffle:  # the train loader's
+            rows.append(inputs[:, 0].tolist())
+        return inputs, targets
+
+    def first_held(model, *args):
+        if not os.path.exists(f"{{out}}_held_{{rank}}.npz"):
+            np.savez(f"{{out}}_held_{{rank}}.npz", m=model.K.download(model.m), v=model.K.download(model.v))
+        return gradients(model, *args)
+
+    DataLoader.next_batch, gpt.gradients = recording, first_held
+    np.seterr(over="ignore", invalid="ignore")
+    try:
+        cli.run(lambda: gpt.main(argv))
+    finally:
+        with open(f"{{out}}_rows_{{rank}}.json", "w") as f:
+            json.dump(rows, f)
+""")
+# -d 384 splits into 4, 3, 2 and 1 processes of B*T = 32; with 4, an epoch of the shards below is 14
+# steps, so the runs to step 16 cross into the next one
+ELASTIC = ["-e", "d1", "-b", "2", "-t", "16", "-d", "384", "-s", "0", "-v", "0", "-l", "1e-3", "-u", "2", "-c", "0.1",
+           "-n", "4", "-x", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def positions(tmp_path_factory):
+    """Train shards of 3001 and 2500 tokens whose tokens are their positions."""
+    d = tmp_path_factory.mktemp("positions")
+    write_shard(d / "train_000001.bin", np.arange(3001))
+    write_shard(d / "train_000002.bin", np.arange(3001, 5501))
+    write_shard(d / "val_000000.bin", np.arange(1200))
+    return ["-i", str(d / "train_*.bin"), "-j", str(d / "val_000000.bin")]
+
+
+def recorded(cwd, name, nproc, args):
+    """ELASTIC and args on nproc processes started side by side through RECORDER: rank 0's stdout,
+    the rows of each step (their first tokens, over every rank, sorted), and m and v as each rank
+    held them at its first step."""
+    script = cwd / "record.py"
+    script.write_text(RECORDER.format(repo=str(REPO)))
+    port = str(free_port())
+    variables = (lambda rank: dict(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) if nproc > 1 else lambda rank: {}
+    procs = [subprocess.Popen([sys.executable, str(script), str(cwd / name), *ELASTIC, *args], cwd=cwd,
+                              env=clean_env(**variables(rank)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in range(nproc)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * nproc, "".join(err[-2000:] for _, err in outputs)
+    grad_accum = 384 // (32 * nproc)
+    rows = [json.loads((cwd / f"{name}_rows_{rank}.json").read_text()) for rank in range(nproc)]
+    steps = [sorted(x for rank_rows in rows for batch in rank_rows[s * grad_accum:(s + 1) * grad_accum] for x in batch)
+             for s in range(len(rows[0]) // grad_accum)]
+    held = [np.load(cwd / f"{name}_held_{rank}.npz") for rank in range(nproc)]
+    return outputs[0][0], steps, [(h["m"], h["v"]) for h in held]
+
+
+def state_of(run_dir, step, rank, nproc, zero):
+    """A d1 rank's state file, of a checkpoint of nproc ranks with -z zero."""
+    lo, hi = gpt.optimizer_range(num_parameters(gpt.config_from_descriptor("d1")), nproc, rank, zero)
+    return read_state(run_dir / f"state_{step:08d}_{rank:05d}.bin", hi - lo)
+
+
+def gathered_state(run_dir, step, nproc, zero):
+    """m and v of the whole model, from the state files of a checkpoint of nproc ranks with -z zero."""
+    states = [state_of(run_dir, step, rank, nproc, zero) for rank in range(nproc if zero else 1)]
+    return np.concatenate([s.m for s in states]), np.concatenate([s.v for s in states])
+
+
+@pytest.fixture(scope="module")
+def elastic(positions, tmp_path_factory):
+    """The ELASTIC run on 4 processes with -z 1, recorded, checkpoints at steps 4, 8, 12 and 16."""
+    cwd = tmp_path_factory.mktemp("elastic")
+    return cwd, recorded(cwd, "straight", 4, [*positions, "-z", "1", "-o", "straight"])
+
+
+@pytest.mark.parametrize("nproc, zero", [(2, 1), (3, 0), (1, 0)])
+def test_a_run_resumed_on_another_count_holds_the_same_state_and_reads_the_same_rows(elastic, positions, nproc, zero):
+    """The 4-rank -z 1 run stopped at its step-4 checkpoint and resumed on 2, 3 and 1 processes, with
+    either -z: what the new ranks hold at their first step, gathered, is the old ranks' AdamW state
+    bit for bit; the step and the random state go on (the step-8 checkpoint's are the straight
+    run's); and each step reads exactly the rows the straight run read in it (the data rule: the
+    run's first layout goes on, nothing in the epoch repeated or skipped), into the next epoch."""
+    cwd, (_, straight_steps, _) = elastic
+    run_dir = shutil.copytree(cwd / "straight", cwd / f"on_{nproc}")
+    for path in run_dir.iterdir():
+        if path.name.split("_")[0] in ("model", "state", "DONE") and "_00000004" not in path.name:
+            path.unlink()
+    stdout, steps, held = recorded(cwd, f"on_{nproc}", nproc, [*positions, "-z", str(zero), "-o", str(run_dir), "-y",
+                                                               "1"])
+    assert f"resuming on {nproc} process(es) with -b 2 -z {zero} from a checkpoint written by 4 with -b 2 -z 1: " \
+           f"the total batch stays 384 tokens (gradient accumulation 3 -> {12 // nproc})" in stdout
+    m, v = gathered_state(cwd / "straight", 4, 4, 1)
+    held_m, held_v = (np.concatenate([h[i] for h in held]) for i in (0, 1)) if zero else held[0]
+    assert held_m.tobytes() == m.tobytes() and held_v.tobytes() == v.tobytes()
+    if not zero:  # every rank holds the whole of it
+        assert all(h[0].tobytes() == m.tobytes() and h[1].tobytes() == v.tobytes() for h in held)
+    assert len(steps) == 12 and steps == straight_steps[4:]
+    ours, theirs = state_of(run_dir, 8, 0, nproc, zero), state_of(cwd / "straight", 8, 0, 4, 1)
+    assert (ours.step, ours.rng_state, ours.rng_state_last_update) == (8, theirs.rng_state,
+                                                                       theirs.rng_state_last_update)
+    assert (ours.epoch, ours.epoch_samples) == (theirs.epoch, theirs.epoch_samples) == (0, 24)
+
+
+def test_a_round_trip_through_other_counts_with_no_step_between_rewrites_the_same_state_files(elastic, positions,
+                                                                                              tmp_path):
+    """The step-4 checkpoint of 4 ranks (-z 1) re-sharded, as the trainer's resume does and as its
+    next checkpoint writes, for 3 ranks (-z 0), then 1, then 2 (-z 1), then 4 (-z 1) again: every
+    count holds the whole state, and the last writes the 4 original state files byte for byte."""
+    cwd, _ = elastic
+    source = tmp_path / "original"
+    source.mkdir()
+    for name in ("model_00000004.bin", "state_00000004_00000.bin", "state_00000004_00001.bin",
+                 "state_00000004_00002.bin", "state_00000004_00003.bin", "DONE_00000004"):
+        shutil.copy(cwd / "straight" / name, source / name)
+    original = gathered_state(source, 4, 4, 1)
+    config, params = gpt.load_params(source / "model_00000004.bin")
+    for nproc, zero in [(3, 0), (1, 0), (2, 1), (4, 1)]:
+        checkpoint = rundir.RunDir(str(source), rank=1).checkpoint(resume=True)
+        target = tmp_path / f"on_{nproc}"
+        target.mkdir()
+        shutil.copy(source / "model_00000004.bin", target)
+        shutil.copy(source / "DONE_00000004", target)
+        tokens_per_step = checkpoint.batch(2, 16, -1, nproc)
+        for rank in range(nproc):
+            state = checkpoint.optimizer_state(nproc, rank, zero)
+            model = gpt.GPT2(config, params, 2, 16, world_size=nproc, rank=rank, zero_stage=zero)
+            gpt.load_optimizer_state(model, state, checkpoint.model_path)
+            loader = DataLoader(positions[1], 2, 16, config.vocab_size, rank, nproc, shuffle=True,
+                                layout=checkpoint.layout, grad_accum_steps=tokens_per_step // (32 * nproc))
+            loader.restore(state.epoch, state.epoch_samples)
+            write_state(target / f"state_00000004_{rank:05d}.bin", gpt.checkpoint_state(
+                model, loader, tokens_per_step, state.step, state.rng_state, state.rng_state_last_update,
+                gpt.OutlierDetector(state.loss_window), gpt.OutlierDetector(state.norm_window)))
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(gathered_state(target, 4, nproc, zero), original))
+        source = target
+    for rank in range(4):
+        name = f"state_00000004_{rank:05d}.bin"
+        assert (source / name).read_bytes() == (cwd / "straight" / name).read_bytes(), name
+
+
 # ----------------------------------------------------------------------------- launchers
 
 @pytest.fixture(scope="module")
@@ -426,17 +585,6 @@ def test_bad_multiprocess_input_is_one_line_and_writes_nothing(data, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-def test_resuming_with_another_number_of_processes_is_refused(data, tmp_path):
-    cmd = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-v", "0", "-n", "2", "--device", "cpu", *data, "-o", "run"]
-    train(*cmd, "-x", "2", "-pn", "2", cwd=tmp_path)
-    before = sorted(p.name for p in (tmp_path / "run").iterdir())
-    result = train(*cmd, "-x", "4", "-y", "1", "-pn", "4", cwd=tmp_path, check=False)
-    assert result.returncode != 0
-    assert "written by a run of 2 process(es), and this one has 4: resume with the same number (-pn 2)" \
-        in result.stderr
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
-
-
 def test_zero1_on_one_process_is_accepted_and_said_to_do_nothing(data, tmp_path):
     result = train("-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-x", "1", "-v", "0", "--device", "cpu", "-z", "1",
                    *data, cwd=tmp_path)
@@ -458,16 +606,97 @@ def test_process_flags_no_run_can_have_are_one_line_naming_what_is_wrong(pn, pr,
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
+# ----------------------------------------------------------------------------- restarting by itself
+
+RESTART = ["-e", "d1", "-b", "2", "-t", "32", "-s", "0", "-v", "10", "-m", "1", "-n", "2", "-x", "30", "-l", "1e-3",
+           "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def never_killed(data, tmp_path_factory):
+    """The RESTART run on 2 ranks, from start to end."""
+    cwd = tmp_path_factory.mktemp("never_killed")
+    train(*RESTART, *data, "-pn", "2", "-o", "run", cwd=cwd)
+    return cwd / "run"
+
+
+def rank_pid(marker, rank, other_than=()):
+    """The trainer process of `rank` whose environment carries marker (inherited from the test's
+    launcher, through whatever launches the ranks), waiting for it to start."""
+    def find():
+        for entry in Path("/proc").iterdir():
+            try:
+                environ = b"\0" + (entry / "environ").read_bytes()
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if (marker.encode() in environ and f"\0RANK={rank}\0".encode() in environ and b"train_gpt2.py" in cmdline
+                    and int(entry.name) not in other_than):
+                return int(entry.name)
+        return None
+    deadline = time.monotonic() + 120
+    while (pid := find()) is None:
+        assert time.monotonic() < deadline, f"no rank {rank} started"
+        time.sleep(0.05)
+    return pid
+
+
+def kill_rank_1_after_the_first_checkpoint(cmd, cwd, env):
+    """Start cmd, and SIGKILL rank 1 once the step-2 checkpoint is whole: (the process, rank 1's pid)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (cwd / "run" / "DONE_00000002").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint at step 2"
+        time.sleep(0.02)
+    pid = rank_pid(env["RESTART_TEST"], 1)
+    os.kill(pid, signal.SIGKILL)
+    return proc, pid
+
+
+@pytest.mark.parametrize("launcher", ["built-in", "torchrun"])
+def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_never_killed(never_killed, data, tmp_path, launcher):
+    """2 ranks, --max-restarts 1, rank 1 SIGKILLed after the first checkpoint: the ranks are started
+    again, go on from the newest checkpoint by themselves, and the run ends with the final model
+    and main.log of a run never killed, byte for byte."""
+    env = clean_env(RESTART_TEST=f"restart-{launcher}")
+    prefix = ([sys.executable, str(REPO / "train_gpt2.py"), "-pn", "2", "--max-restarts", "1"] if launcher == "built-in"
+              else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+                    "--monitor-interval", "0.1", "--master-port", str(free_port()), str(REPO / "train_gpt2.py")])
+    proc, _ = kill_rank_1_after_the_first_checkpoint([*prefix, *RESTART, *data, "-o", "run"], tmp_path, env)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = stdout.splitlines()
+    if launcher == "built-in":
+        assert "launcher: rank 1 of 2 was killed by SIGKILL: restarting the 2 ranks (restart 1 of at most 1), which " \
+               "go on from the newest checkpoint" in lines
+    assert "restart 1 of this job (TORCHELASTIC_RESTART_COUNT): going on from the newest checkpoint in run, as -y 1 " \
+           "would" in lines
+    assert any(line.startswith("resuming from run/model_") for line in lines)
+    for name in ("model_00000030.bin", "main.log"):
+        assert (tmp_path / "run" / name).read_bytes() == (never_killed / name).read_bytes(), name
+
+
+def test_with_its_restarts_spent_the_launcher_ends_in_one_line_as_without(data, tmp_path):
+    env = clean_env(RESTART_TEST="restarts-spent")
+    cmd = [sys.executable, str(REPO / "train_gpt2.py"), "-pn", "2", "--max-restarts", "1", *RESTART, *data, "-o", "run"]
+    proc, first = kill_rank_1_after_the_first_checkpoint(cmd, tmp_path, env)
+    os.kill(rank_pid(env["RESTART_TEST"], 1, other_than=[first]), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert stderr.splitlines() == ["error: rank 1 of 2 was killed by SIGKILL"], stderr
+    assert stdout.count("launcher: rank 1 of 2 was killed by SIGKILL: restarting") == 1
+
+
 # ----------------------------------------------------------------------------- the built-in launcher's faults
 
 def launch(tmp_path, rank_code, world_size, device="auto", env=None, cores=None):
-    """distributed.launch starting world_size ranks of rank_code (Python; its rank is in RANK, its
+    """launcher.launch starting world_size ranks of rank_code (Python; its rank is in RANK, its
     directory is tmp_path) from a launcher process of its own, pinned to `cores` CPU cores if given.
     Returns the launcher's result and how long it ran."""
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent(rank_code))
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import distributed; "
-            f"sys.exit(distributed.launch({str(script)!r}, [], {world_size}, device={device!r}))")
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import launcher; "
+            f"sys.exit(launcher.launch({str(script)!r}, [], {world_size}, device={device!r}))")
     pin = (lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])) if cores else None
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env or clean_env(), capture_output=True,

@@ -63,7 +63,9 @@ def optimizer_state(use_master_weights=True, shuffle=False, windows=(5, 3)):
         num_processes=4, rank=3, use_master_weights=use_master_weights, shuffle=shuffle, step=123456,
         rng_state=2**64 - 3, rng_state_last_update=2**40 + 17, shard_index=2**33 + 5, sample_index=2**32 + 1,
         m=m, v=v, master=master if use_master_weights else None,
-        epoch=2**35 + 9, loss_window=rng.standard_normal(windows[0]), norm_window=rng.standard_normal(windows[1]))
+        epoch=2**35 + 9, epoch_samples=2**33 + 7, micro_batch=16, seq_len=1024, tokens_per_step=2**20, layout_processes=8,
+        layout_micro_batch=32, data_shards=1000, data_tokens=10**11, data_hash=-2**63 + 5,
+        loss_window=rng.standard_normal(windows[0]), norm_window=rng.standard_normal(windows[1]))
 
 
 def debug_state(B=2, T=3):
@@ -396,7 +398,7 @@ def test_optimizer_state_round_trips(tmp_path, use_master_weights, shuffle, wind
     ff.write_state(path, state)
     read = ff.read_state(path, SHARD_SIZE)
     for field in ("num_processes", "rank", "use_master_weights", "shuffle", "step", "rng_state",
-                  "rng_state_last_update", "shard_index", "sample_index", "epoch"):
+                  "rng_state_last_update", "shard_index", "sample_index", *ff.TRAILER_FIELDS):
         assert getattr(read, field) == getattr(state, field), field
     assert np.array_equal(read.m, state.m) and np.array_equal(read.v, state.v)
     assert read.m.dtype == read.v.dtype == np.float32
@@ -423,11 +425,13 @@ def test_optimizer_state_header_and_layout_match_llmc(tmp_path, use_master_weigh
     arrays = np.frombuffer(raw, dtype="<f4", offset=1024, count=SHARD_SIZE * (3 if use_master_weights else 2))
     expected = [state.m, state.v] + ([state.master] if use_master_weights else [])
     assert np.array_equal(arrays, np.concatenate(expected))
-    # our trailer: int64 magic, epoch, window lengths, then the two windows as 128 float64 each, zero-padded
+    # our trailer: 16 int64 (magic, the data position and what it means, the window lengths, zeros), then
+    # the two windows as 128 float64 each, zero-padded
     trailer = raw[1024 + 4 * arrays.size:]
-    assert len(trailer) == 32 + 2 * 128 * 8
-    assert struct.unpack_from("<4q", trailer) == (20261122, 2**35 + 9, 5, 3)
-    windows = np.frombuffer(trailer, "<f8", offset=32).reshape(2, 128)
+    assert len(trailer) == 16 * 8 + 2 * 128 * 8
+    assert struct.unpack_from("<16q", trailer) == (20261202, 2**35 + 9, 2**33 + 7, 16, 1024, 2**20, 8, 32, 1000,
+                                                   10**11, -2**63 + 5, 5, 3, 0, 0, 0)
+    windows = np.frombuffer(trailer, "<f8", offset=128).reshape(2, 128)
     assert np.array_equal(windows[0, :5], state.loss_window) and np.array_equal(windows[1, :3], state.norm_window)
     assert not windows[0, 5:].any() and not windows[1, 3:].any()
 
@@ -436,11 +440,11 @@ def test_state_without_our_trailer_is_a_format_error(tmp_path):
     path = tmp_path / "state.bin"
     ff.write_state(path, optimizer_state())
     raw = path.read_bytes()
-    path.write_bytes(raw[:1024 + 3 * 4 * SHARD_SIZE] + b"\x00" * (32 + 2048))  # arrays, then someone else's bytes
-    assert_format_error(path, lambda p: ff.read_state(p, SHARD_SIZE), r"trailer magic 0, expected 20261122")
+    path.write_bytes(raw[:1024 + 3 * 4 * SHARD_SIZE] + b"\x00" * (128 + 2048))  # arrays, then someone else's bytes
+    assert_format_error(path, lambda p: ff.read_state(p, SHARD_SIZE), r"trailer magic 0, expected 20261202")
 
 
-@pytest.mark.parametrize("slot, value", [(1, -1), (2, 129), (3, -2)])
+@pytest.mark.parametrize("slot, value", [(1, -1), (2, -1), (3, 0), (6, 0), (8, 0), (11, 129), (12, -2)])
 def test_state_trailer_with_impossible_values_is_a_format_error(tmp_path, slot, value):
     path = tmp_path / "state.bin"
     ff.write_state(path, optimizer_state())
