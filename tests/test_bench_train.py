@@ -1,7 +1,8 @@
 """dev/bench/train.py on the CPU: a tiny model through both trainers, the table printed and the
 record written with every field the GPU run is judged on; --device cuda without a GPU is one line.
 Beside it, what the other benchmarks share: each runs as a file and with -m, and dev/bench/data.py
-takes no bad flag (it would overwrite the committed record with nonsense)."""
+takes no bad flag (it would overwrite the committed record with nonsense). The MFU peak table matches
+exact device names."""
 import importlib.util
 import json
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import train_gpt2
 from kernels import cuda_unavailable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +51,22 @@ def test_cpu_run_prints_the_table_and_writes_the_record(tmp_path):
     for name in ("ours_peak_mib", "torch_peak_mib"):  # host RSS, or null where it cannot be reset
         assert record[name] is None or 10 < record[name] < 1e6
     assert record["torch_compile"] is False and "fp32" in record["precision"]
+
+
+# Datasheet bf16 tensor-core figures, as NVIDIA quotes them: with sparsity, twice the dense rate.
+SPARSE_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 1979, "NVIDIA H100 PCIe": 1513, "NVIDIA H100 NVL": 1671,
+                      "NVIDIA H200": 1979, "NVIDIA H200 NVL": 1671, "NVIDIA A100-SXM4-80GB": 624,
+                      "NVIDIA A100-PCIE-40GB": 624}
+
+
+@pytest.mark.parametrize("device", sorted(SPARSE_BF16_TFLOPS))
+def test_mfu_peaks_match_the_exact_device_name(device):
+    assert train_gpt2.peak_flops(device) == pytest.approx(SPARSE_BF16_TFLOPS[device] * 1e12 / 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("device", ["CPU", "NVIDIA GeForce RTX 4090", "NVIDIA H100", "NVIDIA H20", "H100"])
+def test_an_unlisted_device_has_no_mfu_peak(device):
+    assert train_gpt2.peak_flops(device) is None
 
 
 @pytest.mark.parametrize("args, names", [(["-d", "100"], "-d 100"), (["-t", "2048"], "-t 2048"),
