@@ -189,10 +189,10 @@ def test_loss_parity_with_a_failed_trainer_has_no_verdict(data, tmp_path, monkey
 def test_loss_parity_refuses_more_than_3_epochs(data, tmp_path):
     # the fixture's train shards hold 5,501 tokens: 100 steps of 256 are 4.7 epochs
     result = run("dev/loss_parity.py", "--device", "cpu", "-e", "d1", "-b", "2", "-t", "32", "-d", "256", "-x", "100",
-                 *data, "-o", "out", cwd=tmp_path, check=False)
+                 *data, "-o", "out", "--results", "results", cwd=tmp_path, check=False)
     assert result.returncode == 1 and result.stdout == "" and result.stderr == (
         "error: -x 100: 100 steps of 256 tokens are 4.7 epochs of -i (5,501 tokens), over 3: lower -x or -d\n")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "results").exists()
 
 
 def test_read_log_keeps_train_and_val_losses_and_hellaswag_by_step(tmp_path):
