@@ -16,8 +16,8 @@ that fails. Then each stage of STAGES runs in its own time slot (a hang costs th
 run; a failed stage does not stop the later ones), writing its logs and JSON records under
 OUT/<stage>/, and the run ends with one summary screen (also OUT/summary.txt) and exit status 0 only
 if every stage passed. On a GPU machine a skipped GPU test is a failure: without nvmath-python every
-GPU test skips, and the run would look green while testing nothing. The benchmarks and the parity run
-rewrite their records as they go, so a stage stopped at its limit still leaves one, marked so.
+GPU test skips, and the run would look green while testing nothing. The training bench and the parity
+run rewrite their records as they go, so a stage stopped at its limit still leaves one, marked so.
 
 What comes back. --fetch DIR (the device tool's $OUT, which returns at most 8 files, 16 MiB each, 2
 folders deep) receives, flat, after every stage: summary.txt, gpu_check.json, the stages' JSON records

@@ -40,6 +40,8 @@ def test_cpu_run_prints_the_table_and_writes_a_record_per_model(tmp_path):
     result = run(*args)
     assert result.returncode == 0, result.stderr
     assert "CPU comparison, all fp32" in result.stdout
+    assert "\nattention: ours: kernels/reference.py (NumPy); torch: F.scaled_dot_product_attention" in result.stdout
+    assert "\nmemory: host memory, each side's growth over its set-up and warm-up" in result.stdout
     for label in ("median ms", "min ms", "max ms", "tok/s", "MFU sheet", "MFU matmul", "memory MiB", "ours",
                   "torch_eager", "ours / torch_eager"):
         assert label in result.stdout

@@ -409,15 +409,15 @@ def main(argv=None):
         memory = ("host memory, each side's growth over its set-up and warm-up: the peak resident set of the process "
                   "(VmHWM, reset through /proc/self/clear_refs) less what was resident before")
         matmul_how = f"torch.matmul fp32 {MATMUL_N[device]}^3, median of 10"
-        print(f"CPU comparison, all fp32: our NumPy backend beside PyTorch {' and '.join(torch_modes)}; memory is "
-              "host memory")
+        print(f"CPU comparison, all fp32: our NumPy backend beside PyTorch {' and '.join(torch_modes)}")
     peak = gpt.peak_flops(K.DEVICE)
     if on_gpu and peak is None:
         print(f"no datasheet MFU: '{K.DEVICE}' is not in train_gpt2.PEAK_BF16_FLOPS (MFU against the measured "
               "matmul rate only)")
     matmul = measured_matmul_flops(device)
     print(f"{description} | matmul rate measured: {matmul / 1e12:.3f} TFLOP/s ({matmul_how}) | datasheet bf16 peak: "
-          f"{'none' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'}", flush=True)
+          f"{'none' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'}\nattention: {attention}\nmemory: {memory}",
+          flush=True)
 
     tokens = np.random.default_rng(0).integers(0, gpt.GPT2_VOCAB_SIZE, (grad_accum_steps, B, T + 1), dtype=np.int32)
     batches = [(np.ascontiguousarray(t[:, :-1]), np.ascontiguousarray(t[:, 1:])) for t in tokens]
