@@ -51,7 +51,7 @@ test_gpt2: data/gpt2_124M_debug_state.bin
 kernels:
 	$(PYTHON) -m kernels sm_80 sm_90a emulated
 
-# on a GPU machine with CUDA PyTorch and requirements-gpu.txt: each kernel beside its PyTorch
+# on a GPU machine with CUDA PyTorch and requirements-gpu.txt: each kernel beside its PyTorch eager
 # counterpart at GPT-2 124M shapes, then whole training steps of GPT-2 124M beside PyTorch's;
 # writes dev/bench/results/kernels_<gpu>.json and train_<gpu>_d12_b16_t1024.json
 bench: kernels
@@ -60,7 +60,8 @@ bench: kernels
 
 .PHONY: gpu-prep gpu-check
 DIR ?= gpu_prep
-OUT ?= log_gpu_check
+# not OUT: a GPU machine of the device tool sets OUT in the environment, and ?= would take it
+GPU_CHECK_OUT ?= log_gpu_check
 
 # on a machine with network: fill DIR (ignored, < 60 MiB) with what an offline GPU machine needs for
 # gpu-check: wheels for its Python 3.12 (nvmath-python ...), Tiny Shakespeare's shards and tokenizer
@@ -70,11 +71,11 @@ gpu-prep: $(VENV)/.runtime
 
 # on a GPU machine, offline, with its own python3 (CUDA torch, CuPy): proves the CUDA backend is
 # there, then every GPU test, the kernel bench, training steps beside PyTorch at B=16 and the
-# largest B that fits, and the loss curve beside PyTorch's, each in its own time slot (7 minutes in
-# all), installing from DIR what the machine lacks; logs, records and a summary in OUT.
-# STAGES="tests parity" and TESTS="tests/test_cuda_matmul.py" rerun a part
+# largest B that fits, and the loss curves beside PyTorch's, each in its own time slot (under 8
+# minutes in all), installing from DIR what the machine lacks; logs, records and a summary in
+# GPU_CHECK_OUT. STAGES="tests parity" and TESTS="tests/test_cuda_matmul.py" rerun a part
 gpu-check:
-	@$(PYTHON) dev/gpu_check.py run $(OUT) --prep $(DIR) --stages "$(STAGES)" --tests "$(TESTS)"
+	@$(PYTHON) dev/gpu_check.py run $(GPU_CHECK_OUT) --prep $(DIR) --stages "$(STAGES)" --tests "$(TESTS)"
 
 clean:
 	rm -rf $(VENV) log_demo .pytest_cache kernels/build

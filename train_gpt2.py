@@ -55,8 +55,25 @@ TOKENIZER = "data/gpt2_tokenizer.bin"                           # decodes the sa
 HELLASWAG = "data/hellaswag/hellaswag_val.bin"                  # llm.c's dev/data/hellaswag.py writes this format
 DEVICES = ("auto", "cpu", "cuda", "emulated")  # --device, here and in the dev/ scripts that run the model
 
-# bf16 dense tensor-core peaks (FLOP/s) that MFU is measured against: the first name the device's contains
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12))
+# bf16 dense tensor-core peaks (FLOP/s) that MFU is measured against, by the exact name CUDA gives the
+# device: a substring would give an H100 NVL the SXM's figure. NVIDIA's datasheets quote "with
+# sparsity", twice the dense rate: these are half of those.
+#   H100 SXM (80GB HBM3) 1,978.9 -> 989.4: the H100 whitepaper's table, as tabulated at
+#     glennklockwood.com/garden/processors/h100 (BF16 matrix 989.4, sparse 1978.9);
+#   H100 PCIe 1,513 -> 756.5: NVIDIA's H100 SXM/PCIe specification table, as reproduced at
+#     archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html ("shown with sparsity, 1/2 lower without");
+#   H200 (SXM) 1,979 -> 989.4: the same GH100 at the same clocks (NVIDIA's H200 page gives H100 SXM's
+#     figures; dense 989.4 as in github.com/alpharomercoma/MI300X-vs-H200 REPORT.md);
+#   H100 NVL, H200 NVL 1,671 -> 835.5: NVIDIA's H100 and H200 product pages (not reachable from where
+#     this was written; ~835 dense / ~1670 sparse for the H100 NVL in third-party tables too);
+#   A100 (SXM4 and PCIe, 40 and 80 GB) 624 -> 312: NVIDIA's A100 datasheet, as tabulated at
+#     glennklockwood.com/garden/processors/A100 (BF16 312, sparse 624).
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H100 PCIe": 756.5e12, "NVIDIA H100 NVL": 835.5e12,
+    "NVIDIA H200": 989.4e12, "NVIDIA H200 NVL": 835.5e12,
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+}
 
 
 def config_from_descriptor(descriptor):
@@ -78,8 +95,9 @@ def flops_per_token(config, T):
 
 
 def peak_flops(device):
-    """The device's bf16 peak from PEAK_BF16_FLOPS, or None (the CPU, an unlisted GPU): no MFU then."""
-    return next((flops for name, flops in PEAK_BF16_FLOPS if name in device), None)
+    """The device's bf16 peak from PEAK_BF16_FLOPS, by its exact name, or None (the CPU, an unlisted
+    GPU): no MFU then."""
+    return PEAK_BF16_FLOPS.get(device)
 
 
 def activation_shapes(config, B, T, recompute):

@@ -1,8 +1,12 @@
-"""Fixtures shared by the test files that run a trainer end to end."""
+"""Fixtures shared by the test files: the data a trainer runs on end to end, and kernel folders of
+the tests' own."""
+import shutil
+
 import numpy as np
 import pytest
 
 from fileformats import write_shard
+from kernels import KERNEL_DIR
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +22,18 @@ def data(tmp_path_factory):
     write_shard(d / "train_000002.bin", draw(2500))
     write_shard(d / "val_000000.bin", draw(1200))
     return ["-i", str(d / "train_*.bin"), "-j", str(d / "val_000000.bin")]
+
+
+@pytest.fixture(scope="session")
+def kernel_folder():
+    """make(root, **sources): a kernels folder at root holding the repository's headers and emulator
+    and the sources given (stem=CUDA text), for kernels.build and kernels.build_emulated once
+    kernels.KERNEL_DIR points there."""
+    def make(root, **sources):
+        for header in KERNEL_DIR.glob("*.cuh"):
+            shutil.copy(header, root)
+        shutil.copytree(KERNEL_DIR / "emulator", root / "emulator", ignore=shutil.ignore_patterns("__pycache__"))
+        for stem, text in sources.items():
+            (root / f"{stem}.cu").write_text(text)
+        return root
+    return make

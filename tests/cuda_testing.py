@@ -9,13 +9,11 @@ parametrization; `backend(device)` is the kernels.cuda backend of a device.
 A kernel's inputs are drawn in fp32, rounded to bf16 once (`bf16_round`), and the same rounded
 values go to the NumPy twin (in fp32) and to the kernel (as bf16 bits): the comparison then
 measures the kernel's arithmetic, not the rounding of its inputs."""
-import shutil
-
 import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels import KERNEL_DIR, cuda_backend, cuda_unavailable
+from kernels import cuda_backend, cuda_unavailable
 
 NO_GPU_REASON = cuda_unavailable()
 requires_gpu = [pytest.mark.gpu, pytest.mark.skipif(NO_GPU_REASON is not None, reason=str(NO_GPU_REASON))]
@@ -87,13 +85,3 @@ def randn(rng, *shape, scale=1.0):
     """bf16-representable normal samples (fp32), never exactly zero in bulk."""
     return bf16_round(rng.standard_normal(shape, dtype=np.float32) * scale)
 
-
-def kernel_folder(root, **sources):
-    """A kernels folder at root: the repository's headers and emulator, and the sources given
-    (stem=CUDA text), for kernels.build and kernels.build_emulated once KERNEL_DIR points there."""
-    for header in KERNEL_DIR.glob("*.cuh"):
-        shutil.copy(header, root)
-    shutil.copytree(KERNEL_DIR / "emulator", root / "emulator", ignore=shutil.ignore_patterns("__pycache__"))
-    for stem, text in sources.items():
-        (root / f"{stem}.cu").write_text(text)
-    return root

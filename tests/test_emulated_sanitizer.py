@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import kernels
-from cuda_testing import kernel_folder
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ["tests/test_cuda_layers.py", "tests/test_cuda_attention.py", "tests/test_cuda_matmul.py",
@@ -73,7 +72,7 @@ print("ran", case)
 
 
 @pytest.fixture(scope="module")
-def fault_dir(tmp_path_factory):
+def fault_dir(tmp_path_factory, kernel_folder):
     return kernel_folder(tmp_path_factory.mktemp("faults"), faults=FAULTS)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kernels
-from cuda_testing import kernel_folder, on_gpu
+from cuda_testing import on_gpu
 
 PROBES = r'''
 #include "common.cuh"
@@ -85,7 +85,7 @@ extern "C" __global__ void scale(float* x, int n, float factor) {
 
 
 @pytest.fixture(scope="module")
-def probe_dir(tmp_path_factory):
+def probe_dir(tmp_path_factory, kernel_folder):
     """A kernel folder holding the repository's headers and emulator, and probes.cu."""
     return kernel_folder(tmp_path_factory.mktemp("probes"), probes=PROBES)
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 import kernels
-from cuda_testing import kernel_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +122,7 @@ EMULATED_GOOD = ('#include "common.cuh"\nextern "C" __global__ void __launch_bou
 
 
 @pytest.fixture
-def emulated_dir(tmp_path, monkeypatch):
+def emulated_dir(tmp_path, monkeypatch, kernel_folder):
     kernel_folder(tmp_path, twice=EMULATED_GOOD)
     monkeypatch.setattr(kernels, "KERNEL_DIR", tmp_path)
     monkeypatch.setattr(kernels, "BUILD_DIR", tmp_path / "build")

@@ -6,20 +6,32 @@ import re
 import subprocess
 from pathlib import Path
 
-from fileformats import write_json
-
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "dev/bench/results"
+# Set by the command that starts a run on a copy of the tree without .git (a GPU machine: see
+# dev/gpu_check.py run --commit): the commit, with "+dirty" when the tree had uncommitted changes.
+COMMIT_ENV = "BENCH_COMMIT"
+COMMIT = re.compile(r"[0-9a-f]{7,40}(\+dirty)?")
+
+
+def git(*args):
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
 
 
 def commit():
-    """The checked-out commit, short form: what the figures were measured on ('' outside a git
-    checkout, or where git is not installed: a copy of the tree on a GPU machine)."""
+    """What the figures were measured on: the short commit, '+dirty' added when tracked or unignored
+    files differ from it. From COMMIT_ENV when set, else from git when the repository is a checkout
+    of its own (not a copy inside some other one), else 'unknown'."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True).stdout.strip()
-    except OSError:
-        return ""
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != REPO.resolve():
+            return "unknown"
+        dirty = git("status", "--porcelain").stdout.strip() != ""
+        return git("rev-parse", "--short", "HEAD").stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:  # no git installed
+        return "unknown"
 
 
 def tag(name):
@@ -27,8 +39,13 @@ def tag(name):
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def write(directory, name, record):
+def write(directory, name, record, announce=True):
+    """The record, as directory/name; announce: say so in one line (a record rewritten as a run goes
+    says it once, at the end)."""
+    from fileformats import write_json  # NumPy: dev/gpu_check.py reads commit() before it knows NumPy is there
     os.makedirs(directory, exist_ok=True)
     path = Path(directory) / name
     write_json(path, record)
-    print(f"wrote {path}")
+    if announce:
+        print(f"wrote {path}")
+    return path
