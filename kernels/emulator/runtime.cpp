@@ -7,19 +7,18 @@
 // synchronization point or returns; whatever those points release (a barrier all live threads
 // reached, a collective all 32 lanes of a warp reached) runs in a later round, again shuffled, each
 // thread until its next point; which warps run in a round is drawn (pick_round), so warps drift
-// apart. A block with threads left waiting and none to run is a
-// deadlock, reported with where each waits. The shuffles come from a seed the caller passes with
-// each launch, so a run repeats.
+// apart. Every barrier and collective checks that the threads meeting there may (a warp's lanes
+// all at the same one), so a kernel that would hang or be undefined on the device is reported with
+// where it went wrong. The shuffles come from a seed the caller passes with each launch, so a run
+// repeats.
 //
 // Fibers: a fiber takes threads that have not started yet, one after another, and runs each on its
 // own stack; a thread that stops at a synchronization point keeps that fiber until it returns, and
 // the next fiber takes over the unstarted threads. So a kernel that never synchronizes runs all of
 // a block on one fiber, with no switch per thread, and one that does gets a fiber per thread.
-#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <sys/mman.h>
-#include <unistd.h>
 
 #include <string>
 #include <vector>
