@@ -28,8 +28,11 @@ demo: $(VENV)/.runtime
 	$(PY) train_gpt2.py -e d2 -b 8 -t 64 -x 200 -l 2e-3 -u 10 -v 50 -m 16 -s 100 -g 64 -n 200 -o log_demo
 	$(PY) dev/plot_logs.py log_demo -o log_demo/main.png
 
+# on every core (pytest-xdist), a test file per worker at a time and one BLAS thread each (workers of
+# several threads each would fight for the cores); then the tests that time processes, alone
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadscope -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 # llm.c's test_gpt2 on OpenAI's GPT-2 124M: the weights from the Hugging Face hub (needs the network
 # once), the PyTorch reference's debug state on the first Tiny Shakespeare val tokens, then our model

@@ -20,6 +20,7 @@ FLOAT = np.dtype(np.float32)  # parameters, gradients and activations
 GELU_FUSION = 2  # -ge -1: fusing GELU into the matmuls changes nothing here but the number of calls
 LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
+CHUNK = 1 << 15  # elements per step of the loops over whole buffers (norm, AdamW): their temporaries stay in cache
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -130,7 +131,7 @@ def _causal_scores(q, k):
     """Scaled scores (B,NH,T,T) with the future masked to -inf."""
     T, hs = q.shape[-2:]
     s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(1.0 / math.sqrt(hs))
-    s[..., np.triu(np.ones((T, T), dtype=bool), k=1)] = -np.inf
+    np.copyto(s, -np.inf, where=np.triu(np.ones((T, T), dtype=bool), k=1))  # a where= mask, not (slow) boolean indexing
     return s
 
 
@@ -189,7 +190,7 @@ def attention_forward_cached(out, k_cache, v_cache, qkv, pos, num_heads):
     heads = lambda x: x.reshape(B, -1, num_heads, hs).transpose(0, 2, 1, 3)  # noqa: E731  (B,T,C) -> (B,NH,T,HS)
     q, k, v = heads(qkv[..., :C]), heads(k_cache[:, :end]), heads(v_cache[:, :end])
     s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(1.0 / math.sqrt(hs))  # (B,NH,Tn,end)
-    s[..., np.arange(end)[None, :] > pos + np.arange(Tn)[:, None]] = -np.inf  # the future of each new position
+    np.copyto(s, -np.inf, where=np.arange(end)[None, :] > pos + np.arange(Tn)[:, None])  # the future of each new position
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     y = (p / p.sum(axis=-1, keepdims=True)) @ v  # (B,NH,Tn,HS)
     out[...] = y.transpose(0, 2, 1, 3).reshape(B, Tn, C)
@@ -206,23 +207,32 @@ def fused_classifier(logits, losses, targets, vocab_size, dloss, write_dlogits):
     for the mean over a whole batch); padding columns get 0."""
     real = logits[..., :vocab_size]
     rowmax = real.max(axis=-1, keepdims=True)
-    e = np.exp(real - rowmax)
-    rowsum = e.sum(axis=-1, keepdims=True)
     target_logit = np.take_along_axis(real, targets[..., None], axis=-1)
+    e = real if write_dlogits else np.empty_like(real)  # logits about to become dlogits hold the exponentials
+    np.subtract(real, rowmax, out=e)
+    np.exp(e, out=e)
+    rowsum = e.sum(axis=-1, keepdims=True)
     losses[...] = (rowmax + np.log(rowsum) - target_logit)[..., 0]
     if write_dlogits:
-        e /= rowsum                                          # probabilities, one row-block at a time
+        e /= rowsum                                          # probabilities
         np.put_along_axis(e, targets[..., None], np.take_along_axis(e, targets[..., None], axis=-1) - 1.0, axis=-1)
-        np.multiply(e, np.float32(dloss), out=real)
+        e *= np.float32(dloss)
         logits[..., vocab_size:] = 0.0
 
 
 # ----------------------------------------------------------------------------- optimizer
 
 def global_norm(grads):
-    """sqrt(sum(g^2)) over a flat gradient buffer, accumulated in float64 (fixed order)."""
-    g = grads.astype(np.float64, copy=False)
-    return float(math.sqrt(np.dot(g, g)))
+    """sqrt(sum(g^2)) over a flat gradient buffer, in float64 and in a fixed order that depends on the
+    buffer's size alone: CHUNK elements at a time, each chunk's squares (exact in float64) summed by
+    NumPy's pairwise summation, the chunks' sums added left to right."""
+    squares = np.empty(min(CHUNK, grads.size))  # float64, reused: a float64 copy of all the gradients is not made
+    total = 0.0
+    for start in range(0, grads.size, CHUNK):
+        chunk = squares[:min(CHUNK, grads.size - start)]
+        np.square(grads[start:start + CHUNK], out=chunk, dtype=np.float64)
+        total += float(chunk.sum())
+    return math.sqrt(total)
 
 
 def clip_scale(norm, max_norm):
@@ -242,21 +252,29 @@ def adamw(params, grads, m, v, master, t, lr, beta1, beta2, eps, weight_decay, g
     stochastic rounding into bf16, and params[0]'s index in its tensor) have nothing to round."""
     assert master is None, "the NumPy backend keeps fp32 params: no master copy"
     # params -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * params), in place, with the
-    # bias corrections m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t) folded into scalars
-    g = grads * np.float32(grad_scale)
-    m *= beta1
-    m += (1.0 - beta1) * g
-    v *= beta2
-    g *= g
-    g *= 1.0 - beta2
-    v += g
-    denom = np.sqrt(v)
-    denom *= 1.0 / math.sqrt(1.0 - beta2 ** t)
-    denom += eps
-    params *= 1.0 - lr * weight_decay
-    np.divide(m, denom, out=denom)
-    denom *= lr / (1.0 - beta1 ** t)
-    params -= denom
+    # bias corrections m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t) folded into scalars;
+    # CHUNK elements at a time, so that the two temporaries stay in cache
+    scale, decay = np.float32(grad_scale), 1.0 - lr * weight_decay
+    v_correction, step_size = 1.0 / math.sqrt(1.0 - beta2 ** t), lr / (1.0 - beta1 ** t)
+    scratch = np.empty((2, min(CHUNK, params.size)), np.float32)
+    for start in range(0, params.size, CHUNK):
+        p, gr, mc, vc = (x[start:start + CHUNK] for x in (params, grads, m, v))
+        g, denom = scratch[:, :p.size]
+        np.multiply(gr, scale, out=g)
+        mc *= beta1
+        np.multiply(g, 1.0 - beta1, out=denom)  # denom's room is free until sqrt(v)
+        mc += denom
+        vc *= beta2
+        g *= g
+        g *= 1.0 - beta2
+        vc += g
+        np.sqrt(vc, out=denom)
+        denom *= v_correction
+        denom += eps
+        p *= decay
+        np.divide(mc, denom, out=denom)
+        denom *= step_size
+        p -= denom
 
 
 # ----------------------------------------------------------------------------- memory

@@ -275,6 +275,7 @@ def assert_no_checkpoint_file_without_done(run_dir):
             assert m.group(2) in done, f"{name} without its DONE"
 
 
+@pytest.mark.serial  # its signals must land after the run's first checkpoint: a busy core delays that
 def test_sigterm_at_any_moment_never_leaves_a_checkpoint_without_done(data, tmp_path):
     """A checkpoint every step, so most of the run is spent writing them; SIGTERM lands at varied
     moments. Each time, every model_/state_ under its final name has its DONE, and -y 1 goes on

@@ -2,6 +2,9 @@
 
 Outputs that a twin must overwrite are poisoned with NaN first; gradients it must accumulate
 start from random values, so a twin that overwrote them would fail."""
+import math
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -191,9 +194,41 @@ def test_global_norm_and_llmc_clip_rule(rng):
     assert K.clip_scale(0.5, 1.0) == 1.0    # below: untouched
 
 
+def test_global_norm_over_many_chunks_is_the_exact_norm_to_float64_rounding(rng):
+    """Squares summed in float64: over a million gradients of spread magnitudes the norm is within
+    1e-15 of the exact one (math.fsum: the correctly rounded sum of the squares, each exact in
+    float64); float32 sums, or a chunk left out, are far off."""
+    grads = randn(rng, 31 * K.CHUNK + 77) * np.exp(randn(rng, 31 * K.CHUNK + 77) * 3)
+    exact = math.sqrt(math.fsum(grads.astype(np.float64) ** 2))
+    np.testing.assert_allclose(K.global_norm(grads), exact, rtol=1e-15, atol=0)
+
+
+def test_twins_over_whole_buffers_make_no_temporary_of_their_size(rng):
+    """The norm and AdamW pass over every gradient, and the classifier over every logit, each step:
+    temporaries the size of those buffers (a float64 copy of GPT-2 124M's gradients is 1 GB) cost
+    more there than the arithmetic. NumPy reports its arrays to tracemalloc."""
+    def peak_bytes(twin, *args):
+        tracemalloc.start()
+        try:
+            twin(*args)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    n = 16 * K.CHUNK
+    grads, params, m, v = randn(rng, n), randn(rng, n), randn(rng, n), np.abs(randn(rng, n))
+    assert peak_bytes(K.global_norm, grads) < grads.nbytes / 4
+    assert peak_bytes(K.adamw, params, grads, m, v, None, 3, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5, 0) < grads.nbytes / 4
+    B, T, V, Vp = 2, 8, 5000, 5120
+    logits, losses = randn(rng, B, T, Vp), poisoned(B, T)
+    targets = rng.integers(0, V, size=(B, T), dtype=np.int32)
+    assert peak_bytes(K.fused_classifier, logits, losses, targets, V, 1.0 / (B * T), True) < logits.nbytes / 4
+
+
+@pytest.mark.parametrize("n", [257, 2 * K.CHUNK + 3])  # within one chunk; over two and a part
 @pytest.mark.parametrize("weight_decay,grad_scale", [(0.0, 1.0), (0.1, 0.37)])
-def test_adamw_matches_torch_adamw_over_three_steps(rng, weight_decay, grad_scale):
-    n, lr = 257, 1e-2
+def test_adamw_matches_torch_adamw_over_three_steps(rng, weight_decay, grad_scale, n):
+    lr = 1e-2
     params = randn(rng, n)
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
     tparam = torch.nn.Parameter(torch.tensor(params))
