@@ -56,8 +56,8 @@ def test_without_a_gpu_run_ends_in_one_line_and_exit_1(tmp_path):
 
 def test_make_gpu_check_ignores_the_environments_out():
     """A GPU machine of the device tool sets OUT in the environment: the Makefile's own folder stays."""
-    result = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "PYTHON=python3"], cwd=REPO, capture_output=True, text=True,
-                            env=dict(os.environ, OUT="/the/device/tools/out"))
+    result = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "PYTHON=python3"], cwd=REPO,
+                            capture_output=True, text=True, env=dict(os.environ, OUT="/the/device/tools/out"))
     assert result.returncode == 0 and result.stdout.startswith("python3 dev/gpu_check.py run log_gpu_check "), \
         result.stdout
 
