@@ -87,6 +87,24 @@ def test_every_gradient_tensor_meets_llmc_thresholds(K, case, recompute, gelu_fu
     assert max(relative.values()) <= GRAD_REL_ERR, relative
 
 
+def test_gradient_accumulation_adds_micro_steps(K, case):
+    """Two micro-steps at grad_accum_steps=2 over the same batch give one full step's gradient. Each
+    computes exactly half of it (dloss halves, a power of two), so the only difference is the bf16
+    rounding of the first half's sum before the second is added: up to one bf16 step, 2^-8 of each
+    element; a wrong dloss would be off by the gradient's own size."""
+    model, debug = model_for(K, case), case["debug"]
+    gpt.forward(model, debug.x)
+    gpt.backward(model, debug.y)
+    once = gpt.carve(K.download(model.grads), param_shapes(case["config"]))
+    gpt.zero_grad(model)
+    for _ in range(2):
+        gpt.forward(model, debug.x)
+        gpt.backward(model, debug.y, grad_accum_steps=2)
+    twice = gpt.carve(K.download(model.grads), param_shapes(case["config"]))
+    for name in once:
+        assert np.linalg.norm(twice[name] - once[name]) <= 2.0**-8 * np.linalg.norm(once[name]), name
+
+
 def train_steps(K, case, steps, master_weights=True):
     model, debug = model_for(K, case, master_weights=master_weights), case["debug"]
     losses = []
