@@ -8,7 +8,7 @@ buffers; nothing is allocated per step but the temporaries inside a kernel.
 Each layer is a kernel call on the backend that select_backend picks: kernels/cuda.py (the CUDA
 kernels, bf16, on the GPU or on the emulated device, which runs them on the CPU to check them) or
 kernels/reference.py (their NumPy twins, fp32, the same signatures: kernels/backend.py). The flags
-are llm.c's (see --help), plus --device.
+are llm.c's (cli.LLMC_FLAGS, read here by name: -l is args.learning_rate), plus --device.
 
     python -m prepro.tinyshakespeare                        # the default data, and data/gpt2_tokenizer.bin
     python train_gpt2.py -e d6 -b 4 -t 128 -x 200 -n 100 -o log_d6     # a fresh 6-layer GPT-2
@@ -20,10 +20,12 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
-from cli import ArgumentParser, fail, run
+from cli import LLMC_FLAGS, ArgumentParser, add_llmc_flags, fail, run
 from dataloader import DataLoader, mt19937
 from fileformats import (FormatError, GPT2Config, OptimizerState, num_parameters, param_shapes, read_hellaswag,
                          read_model, read_tokenizer, write_model)
@@ -48,6 +50,8 @@ OUTLIER_WINDOW = 128  # the loss and grad-norm z-scores look this many steps bac
 
 DEFAULT_MODEL = "d12"  # -e: GPT-2 124M
 SAMPLE_TOKENS = 64     # -g, when B*T and the model's maximum sequence length allow
+SLOW_CPU_STEP = 10     # seconds: a step estimated slower than this on the CPU is said before the first step
+EVAL_PROGRESS_DELAY = 3  # seconds: an evaluation still running after this shows a progress bar (on stderr)
 
 TRAIN_DATA = "data/tinyshakespeare/tiny_shakespeare_train.bin"  # written by python -m prepro.tinyshakespeare
 VAL_DATA = "data/tinyshakespeare/tiny_shakespeare_val.bin"
@@ -190,27 +194,28 @@ class GPT2:
         self.num_params, self.shard_size = n, shard_size(n, world_size)
         self.lo, self.hi = optimizer_range(n, world_size, rank, zero_stage)
         padded = self.shard_size * world_size
-        self.params = K.zeros(padded, K.FLOAT)
-        K.upload(self.params[:n], params)
-        self.master = None
+        # flat buffers (llm.c's *_memory) and the per-tensor views into them (name -> array)
+        self.params_memory = K.zeros(padded, K.FLOAT)
+        K.upload(self.params_memory[:n], params)
+        self.master_weights = None
         if master_weights and K.FLOAT != np.float32:
-            self.master = K.zeros(self.hi - self.lo, np.float32)
-            K.upload(self.master, params[self.lo:self.hi])
-        self.grads = K.zeros(padded, K.FLOAT)
-        self.m = K.zeros(self.hi - self.lo, np.float32)
-        self.v = K.zeros(self.hi - self.lo, np.float32)
+            self.master_weights = K.zeros(self.hi - self.lo, np.float32)
+            K.upload(self.master_weights, params[self.lo:self.hi])
+        self.grads_memory = K.zeros(padded, K.FLOAT)
+        self.m_memory = K.zeros(self.hi - self.lo, np.float32)
+        self.v_memory = K.zeros(self.hi - self.lo, np.float32)
         shapes = param_shapes(config)
-        self.p = carve(self.params[:n], shapes)
-        self.g = carve(self.grads[:n], shapes)
+        self.params = carve(self.params_memory[:n], shapes)
+        self.grads = carve(self.grads_memory[:n], shapes)
         # this rank's shard of the gradients: the part of the sum over ranks that reduce-scatter leaves here
-        self.grad_shard = self.grads[rank * self.shard_size:(rank + 1) * self.shard_size]
+        self.grad_shard = self.grads_memory[rank * self.shard_size:(rank + 1) * self.shard_size]
         self.acts_memory = K.zeros(activation_layout(activation_shapes(config, B, T, recompute), K.FLOAT)[1], np.uint8)
         self._acts = {}
-        self.a = self.acts(B, T)
+        self.acts = self.acts_for(B, T)
         # parameter name -> its slice of the flat buffers, for the per-tensor update
         self.slices = {name: sl for name, (sl, _) in layout(shapes)[0].items()}
 
-    def acts(self, B, T):
+    def acts_for(self, B, T):
         """The activation views for a (B, T) forward. Every activation scales with B*T, so any
         smaller batch (sampling, HellaSwag) fits in the buffer laid out for the training batch."""
         if (B, T) not in self._acts:
@@ -279,15 +284,15 @@ def init_params(config, seed=42):
 # ----------------------------------------------------------------------------- forward
 
 def forward(model, inputs, cache=None):
-    """inputs (B,T) int32 on the host -> model.acts(B, T)['logits'] (B,T,Vp), keeping every
+    """inputs (B,T) int32 on the host -> model.acts_for(B, T)['logits'] (B,T,Vp), keeping every
     activation backward needs. B*T may be smaller than the training batch's.
 
     With a KVCache, inputs are positions cache.length.. of their sequences: attention takes the
     earlier positions' keys and values from the cache and adds theirs to it, and nothing is kept
     for backward (every layer runs in layer 0's activations)."""
-    K, p, L = model.K, model.p, model.config.num_layers
+    K, p, L = model.K, model.params, model.config.num_layers
     B, T = inputs.shape
-    a = model.acts(B, T)
+    a = model.acts_for(B, T)
     pos = 0 if cache is None else cache.length
     slot = (lambda l: l) if cache is None else (lambda l: 0)  # where layer l's activations go
     K.upload(a["inputs"], inputs)
@@ -331,17 +336,17 @@ def forward(model, inputs, cache=None):
 # ----------------------------------------------------------------------------- backward
 
 def zero_grad(model):
-    model.grads.fill(0)
+    model.grads_memory.fill(0)
 
 
 def backward(model, targets, grad_accum_steps=1):
     """Loss of the last forward against targets (B,T) int32 on the host, and its gradient
-    accumulated into model.grads: each micro-step of each rank adds its share of a mean over all
-    the step's tokens, 1/(B*T*grad_accum_steps*world_size), so that summing the ranks' gradients
+    accumulated into model.grads_memory: each micro-step of each rank adds its share of a mean over
+    all the step's tokens, 1/(B*T*grad_accum_steps*world_size), so that summing the ranks' gradients
     gives the mean. Returns this micro-step's mean loss as a 0-d float64 array on the backend:
     reading it waits for the GPU, so the loop reads it once per step."""
     B, T = targets.shape
-    K, p, g, a, L = model.K, model.p, model.g, model.acts(B, T), model.config.num_layers
+    K, p, g, a, L = model.K, model.params, model.grads, model.acts_for(B, T), model.config.num_layers
     K.upload(a["targets"], targets)
     dloss = 1.0 / (B * T * grad_accum_steps * model.world_size)
     K.fused_classifier(a["logits"], a["losses"], a["targets"], model.config.vocab_size, dloss, write_dlogits=True)
@@ -392,9 +397,9 @@ def gradients(model, comm, loader, grad_accum_steps):
         inputs, targets = loader.next_batch()
         forward(model, inputs)
         loss = loss + backward(model, targets, grad_accum_steps) / grad_accum_steps  # stays on the backend
-    comm.reduce_scatter(model.grads)  # this rank's shard now holds the gradients summed over ranks
+    comm.reduce_scatter(model.grads_memory)  # this rank's shard now holds the gradients summed over ranks
     if model.zero_stage == 0:
-        comm.all_gather(model.grads)  # and every rank all of them: each updates the whole model
+        comm.all_gather(model.grads_memory)  # and every rank all of them: each updates the whole model
     # only now, at the step's end, does the host wait for the device: for the loss and this rank's
     # part of the norm, in one copy; then each is summed over ranks
     loss, norm = model.K.scalars(loss, grad_norm(model))
@@ -422,9 +427,10 @@ def update(model, lr, weight_decay, step, grad_scale, seed):
             continue
         wd = weight_decay if name in DECAYED else 0.0
         state = slice(start - lo, stop - lo)
-        master = None if model.master is None else model.master[state]
-        K.adamw(model.params[start:stop], model.grads[start:stop], model.m[state], model.v[state], master,
-                step + 1, lr, ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, wd, grad_scale, seed | i << 32, start - sl.start)
+        master = None if model.master_weights is None else model.master_weights[state]
+        K.adamw(model.params_memory[start:stop], model.grads_memory[start:stop], model.m_memory[state],
+                model.v_memory[state], master, step + 1, lr, ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, wd, grad_scale,
+                seed | i << 32, start - sl.start)
 
 
 def learning_rate(schedule, step, num_steps, max_lr, warmup, final_frac):
@@ -474,24 +480,26 @@ def token_losses(model, inputs, targets):
     """Per-token cross-entropy (B,T), on the backend, of the model on a batch, without touching the
     gradients."""
     forward(model, inputs)
-    K, a = model.K, model.acts(*inputs.shape)
+    K, a = model.K, model.acts_for(*inputs.shape)
     K.upload(a["targets"], targets)
     K.fused_classifier(a["logits"], a["losses"], a["targets"], model.config.vocab_size, 0.0, write_dlogits=False)
     return a["losses"]
 
 
-def val_loss(model, loader, num_batches):
-    """Mean loss over the first num_batches batches of the (unshuffled) val split."""
+def val_loss(model, loader, num_batches, progress=False):
+    """Mean loss over the first num_batches batches of the (unshuffled) val split; progress: a bar
+    on stderr once it has taken EVAL_PROGRESS_DELAY seconds."""
     loader.reset()
-    return sum(float(token_losses(model, *loader.next_batch()).mean()) for _ in range(num_batches)) / num_batches
+    batches = tqdm(range(num_batches), "val loss", disable=not progress, delay=EVAL_PROGRESS_DELAY, leave=False)
+    return sum(float(token_losses(model, *loader.next_batch()).mean()) for _ in batches) / num_batches
 
 
-def hellaswag_correct(model, examples):
+def hellaswag_correct(model, examples, progress=False):
     """llm.c's HellaSwag: each example's four endings follow its context in four rows; the ending
     with the lowest mean loss over its own tokens is the model's answer. Returns how many of the
-    examples it gets right."""
+    examples it gets right; progress as for val_loss."""
     correct = 0
-    for ex in examples:
+    for ex in tqdm(examples, "HellaSwag", disable=not progress, delay=EVAL_PROGRESS_DELAY, leave=False):
         rows = [ex.context + ending for ending in ex.endings]
         T = max(len(row) for row in rows) - 1
         tokens = np.zeros((4, T + 1), dtype=np.int32)
@@ -587,45 +595,70 @@ def load_or_init(descriptor):
     try:
         config = config_from_descriptor(descriptor)
     except ValueError:
-        raise ValueError(f"model '{descriptor}' is neither a .bin checkpoint nor dN / gpt2:dN: give -e a model "
-                         f"file, or e.g. d12 for GPT-2 124M") from None
+        raise ValueError(f"-e {descriptor}: neither a .bin checkpoint nor dN / gpt2:dN: give -e a model file, or "
+                         f"e.g. d12 for GPT-2 124M") from None
+    n, memory = num_parameters(config), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * n > memory:  # its fp32 parameters alone: the gradients and AdamW's state come on top
+        raise ValueError(f"-e {descriptor}: {n:,} parameters, {4 * n / 2**30:,.0f} GiB in fp32, more than this "
+                         f"machine's {memory / 2**30:.0f} GiB of memory: choose a smaller depth (d12 is GPT-2 124M, "
+                         f"d48 GPT-2 1.5B)")
     return config, init_params(config)
 
 
 def save_model(model, path):
     """Version 3 (fp32) from fp32 parameters (the CPU), version 5 from bf16 ones (the GPU): either
     way the file holds the parameters bit for bit."""
-    version = 3 if model.params.dtype == np.float32 else 5
-    write_model(path, model.config, model.K.download(model.params[:model.num_params]), version)
+    version = 3 if model.params_memory.dtype == np.float32 else 5
+    write_model(path, model.config, model.K.download(model.params_memory[:model.num_params]), version)
 
 
-def checkpoint_state(model, loader, tokens_per_step, step, rng_state, rng_state_last_update, loss_detector,
-                     norm_detector):
+@dataclass
+class Progress:
+    """Where training stands between steps, as a checkpoint keeps it: the step, llm.c's random state
+    (one draw per update seeds the GPU's stochastic rounding) and the outlier detectors' windows. The
+    random state starts as llm.c's does, the same on every rank (llm.c adds the rank): with -z 0 each
+    rank updates the whole model and the copies must stay equal, and with -z 1 a shard must round as
+    it would under -z 0."""
+    step: int = 0
+    rng_state: int = 13371337
+    rng_state_last_update: int = 13371337  # the state the last update drew from, as llm.c's state file records
+    loss_detector: OutlierDetector = field(default_factory=OutlierDetector)
+    norm_detector: OutlierDetector = field(default_factory=OutlierDetector)
+
+    @classmethod
+    def restored(cls, state):
+        return cls(state.step, state.rng_state, state.rng_state_last_update, OutlierDetector(state.loss_window),
+                   OutlierDetector(state.norm_window))
+
+
+def checkpoint_state(model, loader, tokens_per_step, progress):
     """What a checkpoint keeps of this rank beside the model: AdamW's state over its
     optimizer_range, the random state, the data position and what it means, the outlier windows."""
     K = model.K
     shards, tokens, data_hash = loader.data_fingerprint
+    master = None if model.master_weights is None else K.download(model.master_weights)
     return OptimizerState(
-        num_processes=model.world_size, rank=model.rank, use_master_weights=model.master is not None,
-        shuffle=loader.shuffle, step=step, rng_state=rng_state, rng_state_last_update=rng_state_last_update,
-        shard_index=loader.shard_index, sample_index=loader.sample_index, m=K.download(model.m),
-        v=K.download(model.v), master=None if model.master is None else K.download(model.master), epoch=loader.epoch,
-        epoch_samples=loader.epoch_samples, micro_batch=model.B, seq_len=model.T, tokens_per_step=tokens_per_step,
-        layout_processes=loader.layout[0], layout_micro_batch=loader.layout[1], data_shards=shards, data_tokens=tokens,
-        data_hash=data_hash, loss_window=loss_detector.window, norm_window=norm_detector.window)
+        num_processes=model.world_size, rank=model.rank, use_master_weights=model.master_weights is not None,
+        shuffle=loader.shuffle, step=progress.step, rng_state=progress.rng_state,
+        rng_state_last_update=progress.rng_state_last_update, shard_index=loader.shard_index,
+        sample_index=loader.sample_index, m=K.download(model.m_memory), v=K.download(model.v_memory), master=master,
+        epoch=loader.epoch, epoch_samples=loader.epoch_samples, micro_batch=model.B, seq_len=model.T,
+        tokens_per_step=tokens_per_step, layout_processes=loader.layout[0], layout_micro_batch=loader.layout[1],
+        data_shards=shards, data_tokens=tokens, data_hash=data_hash, loss_window=progress.loss_detector.window,
+        norm_window=progress.norm_detector.window)
 
 
 def load_optimizer_state(model, state, model_path):
     """AdamW's m, v and master weights over the model's optimizer_range, from a checkpoint's state
     (whose parameters came from model_path)."""
     K = model.K
-    K.upload(model.m, state.m)
-    K.upload(model.v, state.v)
-    if state.master is not None and model.master is not None:
-        K.upload(model.master, state.master)
-    elif state.master is not None and model.params.dtype == np.float32:
-        K.upload(model.params[model.lo:model.hi], state.master)  # fp32 parameters are the master weights
-    elif model.master is not None:  # bf16 model file, no fp32 state: master weights from the parameters
+    K.upload(model.m_memory, state.m)
+    K.upload(model.v_memory, state.v)
+    if state.master is not None and model.master_weights is not None:
+        K.upload(model.master_weights, state.master)
+    elif state.master is not None and model.params_memory.dtype == np.float32:
+        K.upload(model.params_memory[model.lo:model.hi], state.master)  # fp32 parameters are the master weights
+    elif model.master_weights is not None:  # bf16 model file, no fp32 state: master weights from the parameters
         print(f"the checkpoint of {model_path} holds no master weights: they start from its parameters")
     elif state.master is not None:
         print(f"-w 0: the master weights in the checkpoint of {model_path} are left unused")
@@ -635,56 +668,14 @@ def load_optimizer_state(model, state, model_path):
 
 def parse_args(argv):
     # -h is llm.c's HellaSwag flag, so help is --help only
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,
+                            hints={"-h": "-h is llm.c's HellaSwag flag, 0 or 1; for help, give --help"})
     add = parser.add_argument
     add("--help", action="help", help="show this help and exit")
-    add("-i", default=TRAIN_DATA, help="train data: a shard path or glob (default: %(default)s)")
-    add("-j", default=VAL_DATA, help="val data: a shard path or glob (default: %(default)s)")
-    add("-e", default=None, help="model: a checkpoint .bin (version 3 or 5), or dN / gpt2:dN for a fresh GPT-2 "
-                                 f"of depth N; d12 is the 124M model (default: {DEFAULT_MODEL}; unused by -y 1 "
-                                 "when a checkpoint is there)")
-    add("-o", default=None, help="run directory for main.log and checkpoints (default: none)")
-    add("-n", type=int, default=0, help="checkpoint every n steps, and at the end (0: never)")
-    add("-nk", type=int, default=0, help="keep only the last k checkpoints (0: keep all)")
-    add("-nm", type=int, default=0, help="checkpoints at multiples of m are major: never removed by -nk (0: none)")
-    add("-y", type=int, default=0, choices=(0, 1), help="1: resume from the newest complete checkpoint in -o")
-    add("-b", type=int, default=4, help="micro-batch size B (default: %(default)s)")
-    add("-t", type=int, default=1024, help="sequence length T (default: %(default)s)")
-    add("-d", type=int, default=-1, help="total batch in tokens; grad accumulation = d / (B*T*processes) "
-                                         "(-1: B*T*processes, no accumulation)")
-    add("-l", type=float, default=3e-4, help="peak learning rate (default: %(default)s)")
-    add("-k", default="cosine", choices=("cosine", "linear", "constant", "wsd"), help="learning rate schedule")
-    add("-u", type=int, default=0, help="learning rate warmup steps (default: 0)")
-    add("-q", type=float, default=1.0, help="final learning rate as a fraction of -l (default: 1.0, no decay)")
-    add("-c", type=float, default=0.0, help="weight decay, on 2-D weights only (default: 0)")
-    add("-sl", type=float, default=0.0, help="skip the update when the loss z-score exceeds this (0: off)")
-    add("-sg", type=float, default=0.0, help="skip the update when the grad-norm z-score exceeds this (0: off)")
-    add("-x", type=int, default=-1, help="steps to train (-1: one epoch of -i)")
-    add("-v", type=int, default=20, help="val loss every v steps, and at the end (0: never)")
-    add("-m", type=int, default=20, help="val batches per val loss (-1: the whole val split)")
-    add("-s", type=int, default=20, help="sample from the model every s steps, and at the end (0: never)")
-    add("-g", type=int, default=None, help=f"tokens per sample, the first being EOT (default: {SAMPLE_TOKENS}, "
-                                           "or fewer where B*T or the model's maximum sequence length is smaller)")
-    add("-h", type=int, default=0, choices=(0, 1), help=f"1: HellaSwag accuracy with the val loss ({HELLASWAG})")
-    add("-a", type=int, default=0, choices=(0, 1), help="1: overfit the first batch (no shuffling)")
-    add("--device", default="auto", choices=DEVICES, help="cuda: the CUDA kernels "
-        "(bf16), cpu: the NumPy twins (fp32), auto: cuda when a GPU is usable, else cpu; emulated: the CUDA kernels "
-        "run on the CPU, slowly, to check them without a GPU (default: %(default)s)")
-    add("-w", type=int, default=1, choices=(0, 1), help="keep fp32 master weights (GPU; the CPU is fp32 already)")
-    add("-ge", type=int, default=-1, choices=(-1, 0, 1, 2), help="GELU fused into the matmuls: 0 none, 1 forward, "
-                                                                "2 forward+backward (-1: 2 on sm90 and newer, else 0)")
-    add("-z", type=int, default=0, choices=(0, 1), help="ZeRO stage: 1 shards the AdamW state across processes")
-    add("-r", type=int, default=1, choices=(0, 1, 2), help="recompute in backward, keeping less memory: 0 none, "
-                                                           "1 GELU, 2 GELU and layernorm")
-    add("-pn", type=int, default=None, help="number of processes; alone (no -pr, no launcher's environment), "
-                                            "starts them all on this machine (default: 1)")
-    add("-pr", type=int, default=None, help="this process's rank, for processes started by hand (default: from "
-                                            "torchrun, srun or mpirun's environment, else 0)")
-    add("-pg", type=int, default=8, help="GPUs per node: a rank from -pr uses GPU rank %% pg (default: 8)")
-    add("-pi", default="env", choices=("tcp", "fs", "env"), help="how the ranks meet: tcp at -ps, fs through -pf, "
-        "env at MASTER_ADDR:MASTER_PORT (or torchrun's store, or Slurm's first node) (default: env)")
-    add("-ps", default="", help="rank 0's address HOST[:PORT], for -pi tcp (port default: MASTER_PORT or 29500)")
-    add("-pf", default="/tmp", help="a directory every rank can write, for -pi fs (default: /tmp)")
+    add_llmc_flags(parser, " ".join(LLMC_FLAGS), train_data=TRAIN_DATA, val_data=VAL_DATA, model=DEFAULT_MODEL)
+    add("--device", default="auto", choices=DEVICES, help="cuda: the CUDA kernels (bf16); cpu: the NumPy twins "
+        "(fp32); auto: cuda when a GPU is usable, else cpu; emulated: the CUDA kernels run on the CPU, slowly, "
+        "to check them without a GPU (default: %(default)s)")
     add("--rendezvous-timeout", type=float, default=300.0, help="seconds the ranks wait for each other at start "
                                                                 "(default: %(default)g)")
     add("--max-restarts", type=int, default=0, help="-pn N alone: when a rank dies, restart the N ranks up to this "
@@ -694,26 +685,34 @@ def parse_args(argv):
 
 def check_args(args):
     """Every value and combination the flags alone can get wrong, before a file is touched."""
-    floats = {"-l": args.l, "-q": args.q, "-c": args.c, "-sl": args.sl, "-sg": args.sg,
-              "--rendezvous-timeout": args.rendezvous_timeout}
-    max_sample = min(GPT2_MAX_SEQ_LEN, args.b * args.t)
+    a = args
+    floats = {"-l": a.learning_rate, "-q": a.final_lr_frac, "-c": a.weight_decay, "-sl": a.skip_update_lossz,
+              "-sg": a.skip_update_gradz, "--rendezvous-timeout": a.rendezvous_timeout}
+    max_sample = min(GPT2_MAX_SEQ_LEN, a.micro_batch_size * a.seq_len)
     rules = [(math.isfinite(value), f"{flag} {value}: must be a finite number") for flag, value in floats.items()] + [
-        (args.b > 0, f"-b {args.b}: the micro-batch size must be positive"),
-        (args.t > 0, f"-t {args.t}: the sequence length must be positive"),
-        (args.rendezvous_timeout > 0, f"--rendezvous-timeout {args.rendezvous_timeout:g}: must be positive"),
-        (args.x == -1 or args.x > 0, f"-x {args.x}: steps must be positive, or -1 for one epoch"),
-        (args.l >= 0 and args.c >= 0 and args.u >= 0, f"-l {args.l} -c {args.c} -u {args.u}: must not be negative"),
-        (0 <= args.q <= 1, f"-q {args.q}: the final learning rate fraction must be in [0, 1]"),
-        (args.sl >= 0 and args.sg >= 0, f"-sl {args.sl} -sg {args.sg}: z-score thresholds must not be negative"),
-        (min(args.v, args.s, args.n, args.nk, args.nm) >= 0, "-v, -s, -n, -nk and -nm must not be negative"),
-        (args.max_restarts >= 0, f"--max-restarts {args.max_restarts}: must not be negative"),
-        (args.m == -1 or args.m > 0, f"-m {args.m}: val batches must be positive, or -1 for the whole split"),
-        (args.s == 0 or args.g is None or 1 < args.g <= max_sample,
-         f"-g {args.g}: tokens to sample must be in 2..{max_sample} (min(1024, B*T))"),
-        (args.s == 0 or max_sample > 1, f"-s {args.s}: a sample needs 2 tokens, and B*T is 1: raise -b or -t, "
-                                        f"or give -s 0"),
-        (args.o is not None or (args.n == 0 and args.y == 0), "-n and -y 1 need a run directory: give -o DIR"),
-        (args.o != "", "-o '': give a run directory's path, or leave -o out to write nothing"),
+        (a.micro_batch_size > 0, f"-b {a.micro_batch_size}: the micro-batch size must be positive"),
+        (a.seq_len > 0, f"-t {a.seq_len}: the sequence length must be positive"),
+        (a.total_batch_size == -1 or a.total_batch_size > 0, f"-d {a.total_batch_size}: the total batch must be "
+                                                              f"positive, a multiple of B*T*processes (or -1)"),
+        (a.rendezvous_timeout > 0, f"--rendezvous-timeout {a.rendezvous_timeout:g}: must be positive"),
+        (a.max_steps == -1 or a.max_steps > 0, f"-x {a.max_steps}: steps must be positive, or -1 for one epoch"),
+        (min(a.learning_rate, a.weight_decay, a.warmup_steps) >= 0,
+         f"-l {a.learning_rate} -c {a.weight_decay} -u {a.warmup_steps}: must not be negative"),
+        (0 <= a.final_lr_frac <= 1, f"-q {a.final_lr_frac}: the final learning rate fraction must be in [0, 1]"),
+        (a.skip_update_lossz >= 0 and a.skip_update_gradz >= 0,
+         f"-sl {a.skip_update_lossz} -sg {a.skip_update_gradz}: z-score thresholds must not be negative"),
+        (min(a.val_loss_every, a.sample_every, a.checkpoint_every, a.checkpoints_keep, a.major_checkpoint_every) >= 0,
+         "-v, -s, -n, -nk and -nm must not be negative"),
+        (a.max_restarts >= 0, f"--max-restarts {a.max_restarts}: must not be negative"),
+        (a.val_batches == -1 or a.val_batches > 0,
+         f"-m {a.val_batches}: val batches must be positive, or -1 for the whole split"),
+        (a.sample_every == 0 or a.sample_tokens is None or 1 < a.sample_tokens <= max_sample,
+         f"-g {a.sample_tokens}: tokens to sample must be in 2..{max_sample} (min(1024, B*T))"),
+        (a.sample_every == 0 or max_sample > 1,
+         f"-s {a.sample_every}: a sample needs 2 tokens, and B*T is 1: raise -b or -t, or give -s 0"),
+        (a.output_dir is not None or (a.checkpoint_every == 0 and a.resume == 0),
+         "-n and -y 1 need a run directory: give -o DIR"),
+        (a.output_dir != "", "-o '': give a run directory's path, or leave -o out to write nothing"),
     ]
     for ok, message in rules:
         if not ok:
@@ -750,69 +749,77 @@ def select_backend(device, local_rank=0):
     return reference
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    check_args(args)
-    process = distributed.identify(args.pn, args.pr, args.pg)
-    B, T, nproc = args.b, args.t, args.pn if process is None else process.world_size
-    if args.device == "emulated" and nproc > 1:
-        fail(f"--device emulated -pn {nproc}: the emulated device runs one process; use --device cpu for several")
-    if args.d != -1 and (args.d <= 0 or args.d % (B * T * nproc)):
-        fail(f"-d {args.d}: the total batch must be a multiple of B*T*processes = {B * T * nproc}")
-    if process is None:  # -pn N, and nothing gave this process a rank: it starts the N ranks itself
-        sys.exit(launcher.launch(os.path.abspath(__file__), argv, nproc, args.device, args.max_restarts))
-    rank = process.rank
-    if rank != 0:  # rank 0 prints and logs for all; every rank's errors still reach stderr
-        sys.stdout = open(os.devnull, "w")
+@dataclass
+class Plan:
+    """What the flags and the files decide, read and checked before anything is written: the run
+    directory and the checkpoint to go on from (with this rank's optimizer state), the model, the
+    data, the batch and the number of steps."""
+    run_dir: rundir.RunDir | None
+    checkpoint: rundir.Checkpoint | None
+    state: OptimizerState | None
+    config: GPT2Config
+    params: np.ndarray
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    val_batches: int
+    hellaswag: list | None
+    tokenizer: list | None
+    tokens_per_step: int
+    grad_accum_steps: int
+    num_steps: int
+    sample_tokens: int
 
-    # everything that reads a file, before anything is written
-    restart = distributed.restart_count()  # torchrun's or our launcher's: a restart goes on as -y 1 would
-    if restart:
-        print(f"restart {restart} of this job (TORCHELASTIC_RESTART_COUNT): " + (
-            f"going on from the newest checkpoint in {args.o}, as -y 1 would" if args.o is not None else
-            "with no run directory (-o) to go on from, the run starts over"))
-    run_dir = rundir.RunDir(args.o, rank) if args.o is not None else None
-    checkpoint = run_dir.checkpoint(args.y or restart) if run_dir else None
-    resume_step = checkpoint.step if checkpoint else None
+
+def plan(args, rank, nproc, restart):
+    """The Plan of this run, or None when its newest checkpoint is at its last step already (the
+    run is finished: nothing is changed); every problem with a flag or a file is one line and exit 1."""
+    B, T = args.micro_batch_size, args.seq_len
+    run_dir = rundir.RunDir(args.output_dir, rank) if args.output_dir is not None else None
+    checkpoint = run_dir.checkpoint(args.resume or restart) if run_dir else None
     # a resumed run keeps its total batch, on any number of processes and -b
-    tokens_per_step = checkpoint.batch(B, T, args.d, nproc) if checkpoint else args.d if args.d != -1 else B * T * nproc
-    grad_accum_steps = tokens_per_step // (B * T * nproc)
+    tokens_per_step = checkpoint.batch(B, T, args.total_batch_size, nproc) if checkpoint else \
+        B * T * nproc if args.total_batch_size == -1 else args.total_batch_size
     try:
-        if checkpoint:
-            config, params = load_params(checkpoint.model_path)
-        else:
-            config, params = load_or_init(DEFAULT_MODEL if args.e is None else args.e)
+        config, params = load_params(checkpoint.model_path) if checkpoint else \
+            load_or_init(args.model)
         if T > config.max_seq_len:
             fail(f"-t {T}: above the model's maximum sequence length {config.max_seq_len}")
-        if args.s and args.g is not None and args.g > config.max_seq_len:
-            fail(f"-g {args.g}: more tokens to sample than the model's maximum sequence length {config.max_seq_len}: "
-                 f"lower -g")
-        sample_tokens = args.g if args.g is not None else min(SAMPLE_TOKENS, B * T, config.max_seq_len)
-        train_loader = DataLoader(args.i, B, T, config.vocab_size, rank, nproc, shuffle=not args.a,
-                                  layout=checkpoint.layout if checkpoint else None, grad_accum_steps=grad_accum_steps)
-        val_loader = DataLoader(args.j, B, T, config.vocab_size, rank, nproc) if args.v else None
-        hellaswag = read_hellaswag(HELLASWAG) if args.h else None
-        tokenizer = read_tokenizer(TOKENIZER)[0] if args.s and os.path.exists(TOKENIZER) else None
+        if args.sample_every and args.sample_tokens is not None and args.sample_tokens > config.max_seq_len:
+            fail(f"-g {args.sample_tokens}: more tokens to sample than the model's maximum sequence length "
+                 f"{config.max_seq_len}: lower -g")
+        train_loader = DataLoader(args.train_data, B, T, config.vocab_size, rank, nproc,
+                                  shuffle=not args.overfit_single_batch,
+                                  layout=checkpoint.layout if checkpoint else None,
+                                  grad_accum_steps=tokens_per_step // (B * T * nproc))
+        val_loader = DataLoader(args.val_data, B, T, config.vocab_size, rank, nproc) if args.val_loss_every else None
+        if args.hellaswag and not os.path.exists(HELLASWAG):
+            fail(f"-h 1: no {HELLASWAG}: python -m prepro.hellaswag writes it")
+        hellaswag = read_hellaswag(HELLASWAG) if args.hellaswag else None
+        tokenizer = read_tokenizer(TOKENIZER)[0] if args.sample_every and os.path.exists(TOKENIZER) else None
     except (FormatError, ValueError) as e:
-        fail(str(e))
+        flag = {args.train_data: "-i", args.val_data: "-j"}.get(getattr(e, "path", None))
+        default = getattr(e, "path", None) in (TRAIN_DATA, VAL_DATA)
+        fail(f"{flag + ' ' if flag else ''}{e}" + (" (the default data: python -m prepro.tinyshakespeare writes it)"
+                                                 if default else ""))
     if checkpoint:
-        checkpoint.check_data(args.i, train_loader.data_fingerprint)
+        checkpoint.check_data(args.train_data, train_loader.data_fingerprint)
     if hellaswag and 4 * (max(len(ex.context) + max(map(len, ex.endings)) for ex in hellaswag) - 1) > B * T:
         fail(f"-h 1: the longest HellaSwag example does not fit in B*T = {B * T} tokens: raise -b or -t")
-    num_steps = args.x if args.x != -1 else train_loader.num_tokens // tokens_per_step
+    num_steps = args.max_steps if args.max_steps != -1 else train_loader.num_tokens // tokens_per_step
     if num_steps == 0:
-        fail(f"-i {args.i}: {train_loader.num_tokens} tokens, less than one step of {tokens_per_step}: set -x")
-    if resume_step is not None and resume_step > num_steps:
-        fail(f"-x {args.x}: nothing to train: the newest checkpoint in {args.o} is at step {resume_step}, beyond "
-             f"step {num_steps}; raise -x to go on from it")
-    if resume_step == num_steps:  # its end-of-run evaluation is in main.log already
-        print(f"-o {args.o}: the run is finished: its newest checkpoint is at step {num_steps}, the last one: nothing "
-              f"to train, and nothing is changed (raise -x to train on)")
-        return
+        fail(f"-i {args.train_data}: {train_loader.num_tokens} tokens, less than one step of {tokens_per_step}: "
+             f"set -x")
+    if checkpoint and checkpoint.step > num_steps:
+        fail(f"-x {args.max_steps}: nothing to train: the newest checkpoint in {args.output_dir} is at step "
+             f"{checkpoint.step}, beyond step {num_steps}; raise -x to go on from it")
+    if checkpoint and checkpoint.step == num_steps:  # its end-of-run evaluation is in main.log already
+        print(f"-o {args.output_dir}: the run is finished: its newest checkpoint is at step {num_steps}, the last "
+              f"one: nothing to train, and nothing is changed (raise -x to train on)")
+        return None
+    state = None
     if checkpoint:
         try:
-            state = checkpoint.optimizer_state(nproc, rank, args.z)
+            state = checkpoint.optimizer_state(nproc, rank, args.zero_stage)
             train_loader.restore(state.epoch, state.epoch_samples)
         except FormatError as e:
             fail(str(e))
@@ -820,146 +827,234 @@ def main(argv=None):
             fail(f"{checkpoint.state_paths[0]}: {e}")
     val_batches = 0
     if val_loader:
-        val_batches = val_loader.num_batches if args.m == -1 else min(args.m, val_loader.num_batches)
+        val_batches = val_loader.num_batches if args.val_batches == -1 else \
+            min(args.val_batches, val_loader.num_batches)
+    sample_tokens = args.sample_tokens if args.sample_tokens is not None else \
+        min(SAMPLE_TOKENS, B * T, config.max_seq_len)
+    return Plan(run_dir, checkpoint, state, config, params, train_loader, val_loader, val_batches, hellaswag,
+                tokenizer, tokens_per_step, tokens_per_step // (B * T * nproc), num_steps, sample_tokens)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    check_args(args)
+    process = distributed.identify(args.num_processes, args.process_rank, args.gpus_per_node)
+    nproc = args.num_processes if process is None else process.world_size
+    if args.device == "emulated" and nproc > 1:
+        fail(f"--device emulated -pn {nproc}: the emulated device runs one process; use --device cpu for several")
+    if args.total_batch_size != -1 and args.total_batch_size % (args.micro_batch_size * args.seq_len * nproc):
+        fail(f"-d {args.total_batch_size}: the total batch must be a multiple of B*T*processes = "
+             f"{args.micro_batch_size * args.seq_len * nproc}")
+    if process is None:  # -pn N, and nothing gave this process a rank: it starts the N ranks itself
+        sys.exit(launcher.launch(os.path.abspath(__file__), argv, nproc, args.device, args.max_restarts))
+    if process.rank != 0:  # rank 0 prints and logs for all; every rank's errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+    restart = distributed.restart_count()  # torchrun's or our launcher's: a restart goes on as -y 1 would
+    if restart:
+        print(f"restart {restart} of this job (TORCHELASTIC_RESTART_COUNT): " + (
+            f"going on from the newest checkpoint in {args.output_dir}, as -y 1 would" if args.output_dir is not None
+            else "with no run directory (-o) to go on from, the run starts over"))
+    run_plan = plan(args, process.rank, nproc, restart)  # everything that reads a file, before anything is written
+    if run_plan is None:
+        return
 
     K = select_backend(args.device, process.local_rank)
-    comm = distributed.connect(process, K is not reference, args.pi, args.ps, args.pf, args.rendezvous_timeout)
-    model = GPT2(config, params, B, T, K, recompute=args.r, gelu_fusion=K.GELU_FUSION if args.ge == -1 else args.ge,
-                 master_weights=bool(args.w), world_size=nproc, rank=rank, zero_stage=args.z)
-    step = 0
-    # llm.c's start: one draw per update seeds the GPU's stochastic rounding. The same on every rank
-    # (llm.c adds the rank): with -z 0 each rank updates the whole model and the copies must stay
-    # equal, and with -z 1 a shard must round as it would under -z 0
-    rng_state = 13371337
-    rng_state_last_update = rng_state  # the state that last update drew from, as llm.c's state file records
-    loss_detector, norm_detector = OutlierDetector(), OutlierDetector()
-    if checkpoint:
-        load_optimizer_state(model, state, checkpoint.model_path)
-        step, rng_state, rng_state_last_update = state.step, state.rng_state, state.rng_state_last_update
-        loss_detector, norm_detector = OutlierDetector(state.loss_window), OutlierDetector(state.norm_window)
+    comm = distributed.connect(process, K is not reference, args.init_method, args.server_address, args.fs_path,
+                               args.rendezvous_timeout)
+    model = GPT2(run_plan.config, run_plan.params, args.micro_batch_size, args.seq_len, K, recompute=args.recompute,
+                 gelu_fusion=K.GELU_FUSION if args.gelu_fusion == -1 else args.gelu_fusion,
+                 master_weights=bool(args.master_weights), world_size=nproc, rank=process.rank,
+                 zero_stage=args.zero_stage)
+    progress = Progress()
+    if run_plan.checkpoint:
+        load_optimizer_state(model, run_plan.state, run_plan.checkpoint.model_path)
+        progress = Progress.restored(run_plan.state)
+    print_banner(args, run_plan, model, comm, process, restart)
+    log = run_plan.run_dir.start(progress.step, comm) if run_plan.run_dir else None
+    train(args, run_plan, model, comm, progress, log)
 
-    precision = "fp32" if model.params.dtype == np.float32 else \
-        "bf16, fp32 master weights" if model.master is not None else "bf16, no master weights"
-    print(f"backend: {'NumPy' if K is reference else 'CUDA'} on {K.DEVICE} ({precision}) | recompute -r {model.recompute} "
-          f"| GELU fusion -ge {model.gelu_fusion}")
+
+def print_banner(args, run_plan, model, comm, process, restart):
+    """What the run is about to do, as llm.c's start-up prints it, and every choice made for the user."""
+    K, config, nproc, B, T = model.K, model.config, model.world_size, model.B, model.T
+    p, checkpoint = run_plan, run_plan.checkpoint
+    precision = "fp32" if model.params_memory.dtype == np.float32 else \
+        "bf16, fp32 master weights" if model.master_weights is not None else "bf16, no master weights"
+    gelu_choice = " (-1: this backend's choice)" if args.gelu_fusion == -1 else ""
+    print(f"backend: {'NumPy' if K is reference else 'CUDA'} on {K.DEVICE} ({precision}) | recompute -r "
+          f"{model.recompute} | GELU fusion -ge {model.gelu_fusion}{gelu_choice}")
     print(f"model: L={config.num_layers} NH={config.num_heads} C={config.channels} maxT={config.max_seq_len} "
           f"V={config.vocab_size} (padded {config.padded_vocab_size}) | parameters: {num_parameters(config):,}")
-    print(f"train: {args.i} ({train_loader.num_tokens:,} tokens in {len(train_loader.files)} shard(s)"
-          f"{', shuffled' if train_loader.shuffle else ''}) | val: "
-          + (f"{args.j} ({val_batches} batches every {args.v} steps)" if val_loader else "off"))
-    print(f"batch: B={B} T={T} | {tokens_per_step:,} tokens per step, grad accumulation {grad_accum_steps} "
-          f"| {num_steps} steps | lr {args.l:g} {args.k}, warmup {args.u}, final fraction {args.q:g} | wd {args.c:g}")
+    val = f"{args.val_data} ({p.val_batches} batches every {args.val_loss_every} steps)" if p.val_loader else "off"
+    print(f"train: {args.train_data} ({p.train_loader.num_tokens:,} tokens in {len(p.train_loader.files)} shard(s)"
+          f"{', shuffled' if p.train_loader.shuffle else ''}) | val: {val}")
+    print(f"batch: B={B} T={T} | {p.tokens_per_step:,} tokens per step, grad accumulation {p.grad_accum_steps} "
+          f"| {p.num_steps} steps | lr {args.learning_rate:g} {args.lr_schedule}, warmup {args.warmup_steps}, final "
+          f"fraction {args.final_lr_frac:g} | wd {args.weight_decay:g}")
     mib = 1 / 2**20
-    print(f"memory ({K.DEVICE}): parameters {model.params.nbytes * mib:.1f} MiB, gradients "
-          f"{model.grads.nbytes * mib:.1f} MiB, AdamW m+v {2 * model.m.nbytes * mib:.1f} MiB, master weights "
-          f"{0 if model.master is None else model.master.nbytes * mib:.1f} MiB, activations "
-          f"{model.acts_memory.nbytes * mib:.1f} MiB | peak host memory "
+    master_mib = 0 if model.master_weights is None else model.master_weights.nbytes * mib
+    print(f"memory ({K.DEVICE}): parameters {model.params_memory.nbytes * mib:.1f} MiB, gradients "
+          f"{model.grads_memory.nbytes * mib:.1f} MiB, AdamW m+v {2 * model.m_memory.nbytes * mib:.1f} MiB, master "
+          f"weights {master_mib:.1f} MiB, activations {model.acts_memory.nbytes * mib:.1f} MiB | peak host memory "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if K is reference:
+        print_cpu_estimate(config, p.tokens_per_step, T, p.num_steps)
     if nproc > 1:
-        print(f"processes: {nproc} (ranks from {process.source}), {comm.engine} collectives | ZeRO-{args.z}: "
+        print(f"processes: {nproc} (ranks from {process.source}), {comm.engine} collectives | ZeRO-{args.zero_stage}: "
               f"each rank keeps the AdamW state of {model.hi - model.lo:,} of {num_parameters(config):,} parameters")
-    elif args.z:
+    elif args.zero_stage:
         print("-z 1 with one process: there is nothing to shard, so ZeRO-1 changes nothing")
-    if args.m != -1 and val_loader and args.m > val_batches:
-        print(f"-m {args.m}: the val split holds {val_batches} batches of B*T, so val loss uses those")
-    if args.s and args.g is None and sample_tokens < SAMPLE_TOKENS:
-        print(f"-g: samples are {sample_tokens} tokens, not {SAMPLE_TOKENS}: all that B*T = {B * T} and the model's "
+    if args.val_batches != -1 and p.val_loader and args.val_batches > p.val_batches:
+        print(f"-m {args.val_batches}: the val split holds {p.val_batches} batches of B*T, so val loss uses those")
+    if args.sample_every and args.sample_tokens is None and p.sample_tokens < SAMPLE_TOKENS:
+        print(f"-g: samples are {p.sample_tokens} tokens, not {SAMPLE_TOKENS}: all that B*T = {B * T} and the model's "
               f"maximum sequence length {config.max_seq_len} allow (give -g to choose)")
-    if args.s and tokenizer is None:
+    if args.sample_every and p.tokenizer is None:
         print(f"no tokenizer at {TOKENIZER} (python -m prepro.gpt2_tokenizer writes it): samples print as token ids")
-    if resume_step is not None:
-        print(f"resuming from {checkpoint.model_path} at step {resume_step}")
-        if change := checkpoint.change(nproc, B, args.z):
+    if checkpoint:
+        print(f"resuming from {checkpoint.model_path} at step {checkpoint.step}")
+        if change := checkpoint.change(nproc, B, args.zero_stage):
             print(change)
-        if args.e is not None:
-            print(f"-e {args.e}: not used, as -y 1 goes on with the checkpoint's model")
-    elif run_dir and (args.y or restart):
-        print(f"{'-y 1' if args.y else 'restart'}: no checkpoint in {args.o} yet, starting from scratch")
-    if resume_step is None and args.o is not None and os.path.exists(os.path.join(args.o, "main.log")):
-        print(f"{os.path.join(args.o, 'main.log')}: an earlier run's log, with no checkpoint to resume from, "
+        if args.model != DEFAULT_MODEL:  # one given: -y 1 resumes the checkpoint's model whatever -e says
+            print(f"-e {args.model}: not used, as -y 1 goes on with the checkpoint's model")
+    elif p.run_dir and (args.resume or restart):
+        print(f"{'-y 1' if args.resume else 'restart'}: no checkpoint in {args.output_dir} yet, starting from scratch")
+    if not checkpoint and args.output_dir is not None and os.path.exists(os.path.join(args.output_dir, "main.log")):
+        print(f"{os.path.join(args.output_dir, 'main.log')}: an earlier run's log, with no checkpoint to resume from, "
               f"is replaced by this run's")
+    if p.run_dir:
+        print(f"run directory: {args.output_dir}")
 
-    log = None
-    if run_dir:
-        log = run_dir.start(step, comm)
-        print(f"run directory: {args.o}")
 
-    sampler = Sampler(model, sample_tokens) if args.s and rank == 0 else None  # its KV cache, before the loop
-    ema_tok_s, timed_s, timed_steps = 0.0, 0.0, 0
-    peak, step_flops_per_token = peak_flops(K.DEVICE), flops_per_token(config, T)
-    for step in range(step, num_steps + 1):
-        last_step = step == num_steps
+def print_cpu_estimate(config, tokens_per_step, T, num_steps):
+    """On the CPU, a model of GPT-2's size takes minutes a step: say so before the first step, from the
+    rate this machine's float32 matrix products reach, with what a small model would take instead."""
+    flops = flops_per_token(config, T) * tokens_per_step
+    if flops < SLOW_CPU_STEP * 1e10:  # fast even at 10 GFLOP/s, below any CPU's rate: not worth measuring
+        return
+    rate = matmul_rate()
+    if flops / rate < SLOW_CPU_STEP:
+        return
+    small = flops_per_token(config_from_descriptor("d2"), T) * tokens_per_step / rate
+    print(f"on the CPU: about {duration(flops / rate)} a step for this {num_parameters(config) / 1e6:.0f}M-parameter "
+          f"model ({flops / 1e12:.2f} TFLOP at the {rate / 1e9:.0f} GFLOP/s this CPU's matmuls reach), "
+          f"{duration(flops / rate * num_steps)} for {num_steps} steps; -e d2 takes about {duration(small)} a step")
+
+
+def matmul_rate():
+    """FLOP/s of NumPy's float32 matrix product here, at the size of a GPT-2 124M layer's MLP on 512 tokens."""
+    a, b = np.ones((512, 768), np.float32), np.ones((768, 3072), np.float32)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 3 * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0)
+
+
+def duration(seconds):
+    """seconds as a person reads a time to wait: '0.4 s', '42 s', '7m05s', '3h12m'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = int(seconds // 60)
+    return f"{minutes}m{int(seconds % 60):02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def train(args, run_plan, model, comm, progress, log):
+    """The loop, from progress.step to the plan's last step: at each step, first the checkpoint, then
+    the evaluations due, then one update."""
+    p, K, nproc = run_plan, model.K, model.world_size
+    sampler = Sampler(model, p.sample_tokens) if args.sample_every and model.rank == 0 else None  # before the loop
+    resume_step, first_step = progress.step if p.checkpoint else None, progress.step
+    ema_tok_s, timed_s, timed_steps, started = 0.0, 0.0, 0, time.perf_counter()
+    peak, step_flops_per_token = peak_flops(K.DEVICE), flops_per_token(model.config, model.T)
+    for step in range(first_step, p.num_steps + 1):
+        last_step = step == p.num_steps
         # the checkpoint first: nothing that evaluates the model (val loss, HellaSwag, a sample) can lose training
-        if args.n and step != resume_step and ((step > 0 and step % args.n == 0) or last_step):
-            run_dir.save(step, comm, lambda path: save_model(model, path), checkpoint_state(
-                model, train_loader, tokens_per_step, step, rng_state, rng_state_last_update, loss_detector,
-                norm_detector))
-            if rank == 0:
-                run_dir.prune(args.nk, args.nm)
-        if val_loader and (step % args.v == 0 or last_step):
-            loss = comm.sum([val_loss(model, val_loader, val_batches)])[0] / nproc  # each rank has its own batches
-            if not math.isfinite(loss):
-                fail(f"step {step}: the val loss is {loss}: the model diverged; lower -l")
-            print(f"val loss {loss:.6f}")
-            if log:
-                log.write(f"s:{step} tel:{loss:.4f}")
-        if hellaswag and ((step > 0 and args.v and step % args.v == 0) or last_step):
-            accuracy = comm.sum([hellaswag_correct(model, hellaswag[rank::nproc])])[0] / len(hellaswag)
-            print(f"HellaSwag: {accuracy:.4f} of {len(hellaswag)}")
-            if log:
-                log.write(f"s:{step} eval:{accuracy:.4f}")
-        if sampler and ((step > 0 and step % args.s == 0) or last_step):
-            print("generating:\n---")
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            try:
-                for token in sampler.generate([GPT2_EOT], sample_tokens - 1, seed=(1337, step)):
-                    print(decoder.decode(tokenizer[token]) if tokenizer else f"{token} ", end="", flush=True)
-            except ValueError as e:  # next_token's: logits that are not finite
-                fail(f"step {step}: sampling: {e}; lower -l")
-            print("\n---")
+        n = args.checkpoint_every
+        if n and step != resume_step and ((step > 0 and step % n == 0) or last_step):
+            progress.step = step
+            p.run_dir.save(step, comm, lambda path: save_model(model, path),
+                           checkpoint_state(model, p.train_loader, p.tokens_per_step, progress))
+            if model.rank == 0:
+                p.run_dir.prune(args.checkpoints_keep, args.major_checkpoint_every)
+        evaluate(args, p, model, comm, step, last_step, sampler, log)
         if last_step:
             break
 
         t0 = time.perf_counter()
-        if args.a:
-            train_loader.reset()
-        loss, norm = gradients(model, comm, train_loader, grad_accum_steps)
+        if args.overfit_single_batch:
+            p.train_loader.reset()
+        loss, norm = gradients(model, comm, p.train_loader, p.grad_accum_steps)
         if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank, so every rank stops here
-            saved = run_dir.done_steps() if run_dir else []
-            fail(f"step {step + 1}/{num_steps}: the loss is {loss} and the grad norm {norm}: training diverged, and "
+            saved = p.run_dir.done_steps() if p.run_dir else []
+            fail(f"step {step + 1}/{p.num_steps}: the loss is {loss} and the grad norm {norm}: training diverged, and "
                  f"this update is not made; lower -l" + (f", and resume from the checkpoint at step {saved[-1]} "
                                                           f"with -y 1" if saved else ""))
-        zloss = loss_detector.update(loss)
-        lr = learning_rate(args.k, step, num_steps, args.l, args.u, args.q)
-        znorm = norm_detector.update(norm)
-        if args.sl and zloss > args.sl:
+        lr = learning_rate(args.lr_schedule, step, p.num_steps, args.learning_rate, args.warmup_steps,
+                           args.final_lr_frac)
+        zloss, znorm = progress.loss_detector.update(loss), progress.norm_detector.update(norm)
+        if args.skip_update_lossz and zloss > args.skip_update_lossz:
             print(f"skipping update due to loss z-score of {zloss:f}")
-        elif args.sg and znorm > args.sg:
+        elif args.skip_update_gradz and znorm > args.skip_update_gradz:
             print(f"skipping update due to grad z-score of {znorm:f}")
         else:
-            rng_state_last_update = rng_state
-            rng_state, seed = xorshift_u32(rng_state)
-            update(model, lr, args.c, step, K.clip_scale(norm, GRAD_CLIP), seed)
+            progress.rng_state_last_update = progress.rng_state
+            progress.rng_state, seed = xorshift_u32(progress.rng_state)
+            update(model, lr, args.weight_decay, step, K.clip_scale(norm, GRAD_CLIP), seed)
             if model.zero_stage == 1:
-                comm.all_gather(model.params)  # every rank's updated shard, to every rank
+                comm.all_gather(model.params_memory)  # every rank's updated shard, to every rank
         K.synchronize()
         seconds = time.perf_counter() - t0
-        tok_s = tokens_per_step / seconds
+        tok_s = p.tokens_per_step / seconds
         if step > 0:  # the first step warms up; tok/s is an EMA, bias-corrected as in AdamW
             timed_s, timed_steps = timed_s + seconds, timed_steps + 1
             ema_tok_s = 0.95 * ema_tok_s + 0.05 * tok_s
             tok_s = ema_tok_s / (1 - 0.95 ** timed_steps)
         mfu = f"{100 * step_flops_per_token * tok_s / (peak * nproc):.1f}%" if peak else "n/a"  # per GPU
-        print(f"step {step + 1:4d}/{num_steps} | loss {loss:.6f} ({zloss:+.2f}z)| norm {norm:6.4f} ({znorm:+.2f}z)"
-              f"| lr {lr:.2e} | {1000 * seconds:.2f} ms | {mfu} MFU | {tok_s:.0f} tok/s", flush=True)
+        # time left: the wall time per step so far (evaluations and checkpoints included), for the steps to go
+        left = (time.perf_counter() - started) / (step + 1 - first_step) * (p.num_steps - step - 1)
+        print(f"step {step + 1:4d}/{p.num_steps} | loss {loss:.6f} ({zloss:+.2f}z)| norm {norm:6.4f} ({znorm:+.2f}z)"
+              f"| lr {lr:.2e} | {1000 * seconds:.2f} ms | {mfu} MFU | {tok_s:.0f} tok/s | {duration(left)} left",
+              flush=True)
         if log:
             log.write(f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}")
 
     if timed_steps:
         print(f"total average iteration time: {1000 * timed_s / timed_steps:.2f} ms")
     print(f"peak host memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    if args.o is not None:
-        print(f"run directory: {args.o}")
+    if p.run_dir:
+        print(f"run directory: {args.output_dir}")
+
+
+def evaluate(args, run_plan, model, comm, step, last_step, sampler, log):
+    """The evaluations due at step: val loss (every -v steps and at the end), HellaSwag (with it, from
+    the first -v on) and a sample (every -s steps and at the end), each in main.log where it has a line."""
+    p, nproc, rank, every = run_plan, model.world_size, model.rank, args.val_loss_every
+    if p.val_loader and (step % every == 0 or last_step):
+        # each rank has its own batches
+        loss = comm.sum([val_loss(model, p.val_loader, p.val_batches, rank == 0)])[0] / nproc
+        if not math.isfinite(loss):
+            fail(f"step {step}: the val loss is {loss}: the model diverged; lower -l")
+        print(f"val loss {loss:.6f}")
+        if log:
+            log.write(f"s:{step} tel:{loss:.4f}")
+    if p.hellaswag and ((step > 0 and every and step % every == 0) or last_step):
+        accuracy = comm.sum([hellaswag_correct(model, p.hellaswag[rank::nproc], rank == 0)])[0] / len(p.hellaswag)
+        print(f"HellaSwag: {accuracy:.4f} of {len(p.hellaswag)}")
+        if log:
+            log.write(f"s:{step} eval:{accuracy:.4f}")
+    if sampler and ((step > 0 and step % args.sample_every == 0) or last_step):
+        print("generating:\n---")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            for token in sampler.generate([GPT2_EOT], p.sample_tokens - 1, seed=(1337, step)):
+                print(decoder.decode(p.tokenizer[token]) if p.tokenizer else f"{token} ", end="", flush=True)
+        except ValueError as e:  # next_token's: logits that are not finite
+            fail(f"step {step}: sampling: {e}; lower -l")
+        print("\n---")
 
 
 if __name__ == "__main__":

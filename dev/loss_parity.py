@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "dev"), str(REPO / "dev/bench")]
 import records  # noqa: E402
-from cli import ArgumentParser, fail, run  # noqa: E402
+from cli import LLMC_FLAGS, ArgumentParser, add_llmc_flags, fail, run  # noqa: E402
 from fileformats import FormatError, read_shard  # noqa: E402
 from plot_logs import plot, read_log, smooth  # noqa: E402
 from train_gpt2 import TRAIN_DATA, VAL_DATA  # noqa: E402
@@ -64,48 +64,38 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     add = parser.add_argument
     add("--help", action="help", help="show this help and exit")
-    add("-i", default=TRAIN_DATA, help="train data (default: %(default)s)")
-    add("-j", default=VAL_DATA, help="val data (default: %(default)s)")
-    add("-e", default="d12", help="model: dN or gpt2:dN (default: %(default)s)")
-    add("-b", type=int, default=8, help="micro-batch size (default: %(default)s)")
-    add("-t", type=int, default=1024, help="sequence length (default: %(default)s)")
-    add("-d", type=int, default=16384, help="total batch in tokens (default: %(default)s; -1: B*T)")
-    add("-x", type=int, default=50, help="steps (default: %(default)s)")
-    add("-k", default="cosine", help="learning rate schedule (default: %(default)s)")
-    add("-l", type=float, default=6e-4, help="peak learning rate (default: %(default)s)")
-    add("-u", type=int, default=10, help="warmup steps (default: %(default)s)")
-    add("-q", type=float, default=0.1, help="final learning rate fraction (default: %(default)s)")
-    add("-c", type=float, default=0.1, help="weight decay (default: %(default)s)")
-    add("-v", type=int, default=10, help="val loss every v steps (default: %(default)s)")
-    add("-m", type=int, default=-1, help="val batches (default: -1, the whole val split)")
-    add("-o", default="log_parity", help="directory for the three runs and their output (default: %(default)s)")
+    add_llmc_flags(parser, " ".join(SHARED), train_data=TRAIN_DATA, val_data=VAL_DATA, micro_batch_size=8,
+                   total_batch_size=16384, max_steps=50, learning_rate=6e-4, warmup_steps=10, final_lr_frac=0.1,
+                   weight_decay=0.1, val_loss_every=10, val_batches=-1)
+    add("-o", dest="output_dir", default="log_parity", help="directory for the three runs and their output "
+                                                             "(default: %(default)s)")
     add("--device", default="cuda", choices=("cpu", "cuda"), help="where all three run (default: %(default)s)")
     add("--results", default=str(records.RESULTS), help="directory for the PNG and JSON (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.v <= 0:
-        fail(f"-v {args.v}: the comparison needs val losses: give -v > 0")
-    if args.x <= 0:
-        fail(f"-x {args.x}: give a positive number of steps")
+    if args.val_loss_every <= 0:
+        fail(f"-v {args.val_loss_every}: the comparison needs val losses: give -v > 0")
+    if args.max_steps <= 0:
+        fail(f"-x {args.max_steps}: give a positive number of steps")
     for name in RUNS:
-        if os.path.exists(os.path.join(args.o, name)):
-            fail(f"-o {args.o}: already holds a {name} run: remove it, or give another directory")
+        if os.path.exists(os.path.join(args.output_dir, name)):
+            fail(f"-o {args.output_dir}: already holds a {name} run: remove it, or give another directory")
     return args
 
 
 def epochs(args):
     """How many times the run goes through -i's tokens; one line and exit 1 above MAX_EPOCHS."""
-    paths = sorted(glob.glob(args.i))
+    paths = sorted(glob.glob(args.train_data))
     if not paths:
-        fail(f"-i {args.i}: no file matches (python -m prepro.tinyshakespeare writes the default)")
+        fail(f"-i {args.train_data}: no file matches (python -m prepro.tinyshakespeare writes the default)")
     try:
         tokens = sum(len(read_shard(p)) for p in paths)
     except FormatError as e:
         fail(str(e))
-    tokens_per_step = args.d if args.d != -1 else args.b * args.t
-    n = args.x * tokens_per_step / tokens
+    tokens_per_step = args.total_batch_size if args.total_batch_size != -1 else args.micro_batch_size * args.seq_len
+    n = args.max_steps * tokens_per_step / tokens
     if n > MAX_EPOCHS:
-        fail(f"-x {args.x}: {args.x} steps of {tokens_per_step:,} tokens are {n:.1f} epochs of -i ({tokens:,} tokens), "
-             f"over {MAX_EPOCHS:g}: lower -x or -d")
+        fail(f"-x {args.max_steps}: {args.max_steps} steps of {tokens_per_step:,} tokens are {n:.1f} epochs of -i "
+             f"({tokens:,} tokens), over {MAX_EPOCHS:g}: lower -x or -d")
     return n
 
 
@@ -117,12 +107,12 @@ def device_name(device):
 
 
 def commands(args):
-    shared = [x for flag in SHARED for x in (flag, str(getattr(args, flag[1:])))]
+    shared = [x for flag in SHARED for x in (flag, str(getattr(args, LLMC_FLAGS[flag][0])))]
     torch_train = [sys.executable, str(REPO / "dev/torch_train.py"), *shared, "--device", args.device, "--compile", "0"]
     return {"ours": [sys.executable, str(REPO / "train_gpt2.py"), *shared, "--device", args.device, "-s", "0",
-                     "-n", "0", "-o", os.path.join(args.o, "ours")],
-            "torch_fp32": [*torch_train, "--dtype", "fp32", "-o", os.path.join(args.o, "torch_fp32")],
-            "torch_bf16": [*torch_train, "--dtype", "bf16", "-o", os.path.join(args.o, "torch_bf16")]}
+                     "-n", "0", "-o", os.path.join(args.output_dir, "ours")],
+            "torch_fp32": [*torch_train, "--dtype", "fp32", "-o", os.path.join(args.output_dir, "torch_fp32")],
+            "torch_bf16": [*torch_train, "--dtype", "bf16", "-o", os.path.join(args.output_dir, "torch_bf16")]}
 
 
 def train_all(runs, out, at_once):
@@ -189,20 +179,20 @@ def main(argv=None):
     runs = commands(args)
     device = device_name(args.device)
     tag = records.tag(device)
-    print(f"{args.x} steps, {n_epochs:.2f} epochs of -i; three trainers, "
+    print(f"{args.max_steps} steps, {n_epochs:.2f} epochs of -i; three trainers, "
           f"{'at once' if args.device == 'cuda' else 'one after another'}: ours, PyTorch eager fp32 and bf16",
           flush=True)
     status, ended = "complete", {}
     try:
-        ended = train_all(runs, args.o, at_once=args.device == "cuda")
+        ended = train_all(runs, args.output_dir, at_once=args.device == "cuda")
     except KeyboardInterrupt:
         status = "interrupted (SIGINT): the curves so far, no verdict"
 
     curves, figures = {}, {}
     for name, command in runs.items():
-        log = os.path.join(args.o, name, "main.log")
+        log = os.path.join(args.output_dir, name, "main.log")
         curves[name] = read_log(log) if os.path.exists(log) else {"trl": {}, "tel": {}, "eval": {}}
-        output_path = os.path.join(args.o, f"{name}.txt")
+        output_path = os.path.join(args.output_dir, f"{name}.txt")
         output = Path(output_path).read_text(errors="replace") if os.path.exists(output_path) else ""
         first_ms, median_ms = step_times(output)
         steps = sorted(curves[name]["trl"])
@@ -220,19 +210,20 @@ def main(argv=None):
     record = {
         "device": device, "commit": records.commit(),
         "command": "python dev/loss_parity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "what": f"{args.e} B={args.b} T={args.t} d={args.d}, {args.x} steps ({n_epochs:.2f} epochs), val every "
-                f"{args.v}; ours on {args.device} against PyTorch eager fp32, with PyTorch eager bf16 autocast as the "
+        "what": f"{args.model} B={args.micro_batch_size} T={args.seq_len} d={args.total_batch_size}, {args.max_steps} "
+                f"steps ({n_epochs:.2f} epochs), val every {args.val_loss_every}; ours on {args.device} against "
+                f"PyTorch eager fp32, with PyTorch eager bf16 autocast as the "
                 f"yardstick; gaps: the largest |difference| to torch_fp32 of the train loss (moving average of "
                 f"{SMOOTH}) and of the val losses; bar = max({TOL_MULTIPLE:g} x torch_bf16's gap, {TOL_FLOOR} nats)",
-        "status": status, "steps": args.x, "epochs": round(n_epochs, 3), "smooth": SMOOTH,
+        "status": status, "steps": args.max_steps, "epochs": round(n_epochs, 3), "smooth": SMOOTH,
         "tol_multiple": TOL_MULTIPLE, "tol_floor": TOL_FLOOR, "runs": figures,
         "gaps": None, "bars": None, "passed": None,
     }
-    complete = status == "complete" and all(set(c["trl"]) == set(range(args.x)) for c in curves.values())
+    complete = status == "complete" and all(set(c["trl"]) == set(range(args.max_steps)) for c in curves.values())
     if status == "complete" and not complete:
         record["status"] = status = "failed: a trainer's main.log lacks steps"
     if complete:
-        record["gaps"], record["bars"], record["passed"] = verdict(curves, args.x)
+        record["gaps"], record["bars"], record["passed"] = verdict(curves, args.max_steps)
 
     os.makedirs(args.results, exist_ok=True)
     if all(c["trl"] for c in curves.values()):
@@ -242,7 +233,7 @@ def main(argv=None):
         print(f"wrote {png}")
     records.write(args.results, f"loss_parity_{tag}.json", record)
     if not complete:
-        fail(f"{status} (the trainers' output is in {args.o}/<run>.txt)")
+        fail(f"{status} (the trainers' output is in {args.output_dir}/<run>.txt)")
     gaps, bars = record["gaps"], record["bars"]
     for kind, what in (("train", f"train loss (moving average of {SMOOTH})"), ("val", "val loss")):
         print(f"{what}: largest gap to torch fp32: ours {gaps[f'ours_{kind}']:.4f} | torch bf16 "

@@ -74,7 +74,7 @@ def main(argv=None):
              f"not this model's state")
     K = gpt.select_backend(args.device)
     model = gpt.GPT2(config, params, B, T, K)
-    bf16 = model.params.dtype != np.float32
+    bf16 = model.params_memory.dtype != np.float32
     V = config.vocab_size
     print("[State]")
     print(f"batch_size: {B}\nseq_len: {T}")
@@ -94,7 +94,7 @@ def main(argv=None):
         gpt.zero_grad(model)
         gpt.forward(model, debug.x)
         if step == 0:
-            logits = K.download(model.acts(B, T)["logits"])[..., :V]
+            logits = K.download(model.acts_for(B, T)["logits"])[..., :V]
             diff = float(np.abs(logits - debug.logits).max())
             if bf16:
                 rel = float(np.linalg.norm(logits - debug.logits) / np.linalg.norm(debug.logits))
@@ -110,7 +110,7 @@ def main(argv=None):
             bar = bars.LLMC_LOSS_ATOL if bf16 else bars.FP32_LOSS_REL * abs(debug.loss)
             verdict(abs(loss - debug.loss) <= bar, f"(LOSS): {loss:.6f} reference {debug.loss:.6f} (bar {bar:.3e})")
             shapes = param_shapes(config)
-            report = check_grads(gpt.carve(K.download(model.grads)[:num_parameters(config)], shapes),
+            report = check_grads(gpt.carve(K.download(model.grads_memory)[:num_parameters(config)], shapes),
                                  gpt.carve(debug.grads, shapes), bf16)
             for name, (ok, diff, bar) in report.items():
                 verdict(ok, f"{name}: max_diff = {diff:.6e} (bar {bar})")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "dev")]
-from cli import ArgumentParser, fail, run  # noqa: E402
+from cli import ArgumentParser, add_llmc_flags, fail, run  # noqa: E402
 from dataloader import DataLoader  # noqa: E402
 from fileformats import FormatError  # noqa: E402
 from torch_gpt2 import GPT2, Config, init_llmc, llmc_adamw  # noqa: E402
@@ -31,38 +31,27 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     add = parser.add_argument
     add("--help", action="help", help="show this help and exit")
-    add("-i", default=TRAIN_DATA, help="train data: a shard path or glob (default: %(default)s)")
-    add("-j", default=VAL_DATA, help="val data: a shard path or glob (default: %(default)s)")
-    add("-e", default="d12", help="model: dN or gpt2:dN, a fresh GPT-2 of depth N (default: %(default)s)")
-    add("-o", default=None, help="run directory for main.log (default: none)")
-    add("-b", type=int, default=4, help="micro-batch size B (default: %(default)s)")
-    add("-t", type=int, default=1024, help="sequence length T (default: %(default)s)")
-    add("-d", type=int, default=-1, help="total batch in tokens; grad accumulation = d / (B*T) (-1: B*T)")
-    add("-x", type=int, default=-1, help="steps to train (-1: one epoch of -i)")
-    add("-l", type=float, default=3e-4, help="peak learning rate (default: %(default)s)")
-    add("-k", default="cosine", choices=("cosine", "linear", "constant", "wsd"), help="learning rate schedule")
-    add("-u", type=int, default=0, help="learning rate warmup steps (default: 0)")
-    add("-q", type=float, default=1.0, help="final learning rate as a fraction of -l (default: 1.0, no decay)")
-    add("-c", type=float, default=0.0, help="weight decay, on 2-D weights only (default: 0)")
-    add("-v", type=int, default=20, help="val loss every v steps, and at the end (0: never)")
-    add("-m", type=int, default=20, help="val batches per val loss (-1: the whole val split)")
+    add_llmc_flags(parser, "-i -j -e -o -b -t -d -x -l -k -u -q -c -v -m", train_data=TRAIN_DATA, val_data=VAL_DATA)
     add("--device", default="cpu", choices=("cpu", "cuda"), help="where to train (default: cpu)")
     add("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast the forward (the loss in "
                                                                    "fp32); weights and AdamW stay fp32 (default: fp32)")
     add("--compile", type=int, default=0, choices=(0, 1), help="1: torch.compile the model (default: 0)")
-    args = parser.parse_args(argv)
+    a = args = parser.parse_args(argv)
+    B, T = a.micro_batch_size, a.seq_len
     rules = [
-        (args.b > 0 and args.t > 0, f"-b {args.b} -t {args.t}: batch size and sequence length must be positive"),
-        (args.d == -1 or (args.d > 0 and args.d % (args.b * args.t) == 0),
-         f"-d {args.d}: the total batch must be a multiple of B*T = {args.b * args.t}"),
-        (args.x == -1 or args.x > 0, f"-x {args.x}: steps must be positive, or -1 for one epoch"),
-        (args.l >= 0 and args.c >= 0 and args.u >= 0, f"-l {args.l} -c {args.c} -u {args.u}: must not be negative"),
-        (0 <= args.q <= 1, f"-q {args.q}: the final learning rate fraction must be in [0, 1]"),
-        (args.v >= 0, f"-v {args.v}: must not be negative"),
-        (args.m == -1 or args.m > 0, f"-m {args.m}: val batches must be positive, or -1 for the whole split"),
-        (args.device == "cpu" or torch.cuda.is_available(), "--device cuda: this torch sees no CUDA device"),
-        (args.o is None or not os.path.exists(os.path.join(args.o, "main.log")),
-         f"-o {args.o}: already holds a main.log; this trainer only starts fresh runs: give another directory"),
+        (B > 0 and T > 0, f"-b {B} -t {T}: batch size and sequence length must be positive"),
+        (a.total_batch_size == -1 or (a.total_batch_size > 0 and a.total_batch_size % (B * T) == 0),
+         f"-d {a.total_batch_size}: the total batch must be a multiple of B*T = {B * T}"),
+        (a.max_steps == -1 or a.max_steps > 0, f"-x {a.max_steps}: steps must be positive, or -1 for one epoch"),
+        (min(a.learning_rate, a.weight_decay, a.warmup_steps) >= 0,
+         f"-l {a.learning_rate} -c {a.weight_decay} -u {a.warmup_steps}: must not be negative"),
+        (0 <= a.final_lr_frac <= 1, f"-q {a.final_lr_frac}: the final learning rate fraction must be in [0, 1]"),
+        (a.val_loss_every >= 0, f"-v {a.val_loss_every}: must not be negative"),
+        (a.val_batches == -1 or a.val_batches > 0,
+         f"-m {a.val_batches}: val batches must be positive, or -1 for the whole split"),
+        (a.device == "cpu" or torch.cuda.is_available(), "--device cuda: this torch sees no CUDA device"),
+        (a.output_dir is None or not os.path.exists(os.path.join(a.output_dir, "main.log")),
+         f"-o {a.output_dir}: already holds a main.log; this trainer only starts fresh runs: give another directory"),
     ]
     for ok, message in rules:
         if not ok:
@@ -89,23 +78,24 @@ def val_loss(model, loader, num_batches, device, bf16):
 
 def main(argv=None):
     args = parse_args(argv)
-    B, T, device = args.b, args.t, torch.device(args.device)
-    tokens_per_step = args.d if args.d != -1 else B * T
+    B, T, device = args.micro_batch_size, args.seq_len, torch.device(args.device)
+    tokens_per_step = args.total_batch_size if args.total_batch_size != -1 else B * T
     grad_accum_steps = tokens_per_step // (B * T)
     try:
-        gpt2 = config_from_descriptor(args.e)
+        gpt2 = config_from_descriptor(args.model)
         if T > gpt2.max_seq_len:
             fail(f"-t {T}: above the model's maximum sequence length {gpt2.max_seq_len}")
-        train_loader = DataLoader(args.i, B, T, gpt2.vocab_size, 0, 1, shuffle=True)
-        val_loader = DataLoader(args.j, B, T, gpt2.vocab_size) if args.v else None
+        train_loader = DataLoader(args.train_data, B, T, gpt2.vocab_size, 0, 1, shuffle=True)
+        val_loader = DataLoader(args.val_data, B, T, gpt2.vocab_size) if args.val_loss_every else None
     except (FormatError, ValueError) as e:
         fail(str(e))
-    num_steps = args.x if args.x != -1 else train_loader.num_tokens // tokens_per_step
+    num_steps = args.max_steps if args.max_steps != -1 else train_loader.num_tokens // tokens_per_step
     if num_steps == 0:
-        fail(f"-i {args.i}: {train_loader.num_tokens} tokens, less than one step of {tokens_per_step}: set -x")
+        fail(f"-i {args.train_data}: {train_loader.num_tokens} tokens, less than one step of {tokens_per_step}: set -x")
     val_batches = 0
     if val_loader:
-        val_batches = val_loader.num_batches if args.m == -1 else min(args.m, val_loader.num_batches)
+        val_batches = val_loader.num_batches if args.val_batches == -1 else \
+            min(args.val_batches, val_loader.num_batches)
 
     config = Config(num_layers=gpt2.num_layers, num_heads=gpt2.num_heads, channels=gpt2.channels,
                     max_seq_len=gpt2.max_seq_len, vocab_size=gpt2.vocab_size, padded_vocab_size=gpt2.padded_vocab_size)
@@ -113,7 +103,7 @@ def main(argv=None):
     params = list(model.parameters())  # the tied wte / lm_head once
     on_cuda = device.type == "cuda"
     implementation = {"fused": True} if on_cuda else {"foreach": False, "fused": False}  # the CPU: one tensor at a time
-    optimizer = llmc_adamw(model, args.l, args.c, **implementation)
+    optimizer = llmc_adamw(model, args.learning_rate, args.weight_decay, **implementation)
     step_model = torch.compile(model) if args.compile else model
     bf16 = args.dtype == "bf16"  # autocast: matmuls and attention in bf16, the weights and AdamW in fp32
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
@@ -122,17 +112,18 @@ def main(argv=None):
           f" | model: L={config.num_layers} NH={config.num_heads} C={config.channels} "
           f"| parameters: {sum(p.numel() for p in params):,}")
     print(f"batch: B={B} T={T} | {tokens_per_step:,} tokens per step, grad accumulation {grad_accum_steps} "
-          f"| {num_steps} steps | lr {args.l:g} {args.k}, warmup {args.u}, final fraction {args.q:g} | wd {args.c:g}"
-          f" | val: " + (f"{val_batches} batches every {args.v} steps" if val_loader else "off"))
+          f"| {num_steps} steps | lr {args.learning_rate:g} {args.lr_schedule}, warmup {args.warmup_steps}, final "
+          f"fraction {args.final_lr_frac:g} | wd {args.weight_decay:g}"
+          f" | val: " + (f"{val_batches} batches every {args.val_loss_every} steps" if val_loader else "off"))
     log = None
-    if args.o is not None:
-        os.makedirs(args.o, exist_ok=True)
-        log = open(os.path.join(args.o, "main.log"), "a")  # a fresh file: parse_args refused an existing one
+    if args.output_dir is not None:
+        os.makedirs(args.output_dir, exist_ok=True)
+        log = open(os.path.join(args.output_dir, "main.log"), "a")  # a fresh file: parse_args refused an existing one
 
     timed_s = 0.0
     for step in range(num_steps + 1):
         last_step = step == num_steps
-        if val_loader and (step % args.v == 0 or last_step):
+        if val_loader and (step % args.val_loss_every == 0 or last_step):
             loss = val_loss(step_model, val_loader, val_batches, device, bf16)
             print(f"val loss {loss:.6f}")
             if log:
@@ -154,7 +145,7 @@ def main(argv=None):
             if norm > GRAD_CLIP:  # llm.c's clip: exactly GRAD_CLIP / norm, where clip_grad_norm_ adds 1e-6
                 for p in params:
                     p.grad.mul_(GRAD_CLIP / norm)
-        lr = learning_rate(args.k, step, num_steps, args.l, args.u, args.q)
+        lr = learning_rate(args.lr_schedule, step, num_steps, args.learning_rate, args.warmup_steps, args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
@@ -172,7 +163,7 @@ def main(argv=None):
         print(f"total average iteration time: {1000 * timed_s / (num_steps - 1):.2f} ms")
     if log:
         log.close()
-        print(f"run directory: {args.o}")
+        print(f"run directory: {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -60,9 +60,9 @@ def train(comm, zero_stage):
         loss, norm = gpt.gradients(model, comm, loader, ACCUM)
         gpt.update(model, 1e-3, 0.1, step, K.clip_scale(norm, gpt.GRAD_CLIP), seed=step + 1)
         if zero_stage == 1:
-            comm.all_gather(model.params)
+            comm.all_gather(model.params_memory)
         history.append((loss, norm))
-    return history, K.device.download(model.params)
+    return history, K.device.download(model.params_memory)
 
 
 @on_gpu
@@ -108,13 +108,13 @@ def test_every_rank_hands_nccl_its_own_padded_shard_of_the_flat_buffers(world_si
     comm = nccl_at_world_size_1()
     for rank in range(world_size):
         model = gpt.GPT2(config, gpt.init_params(config), 1, 8, K, world_size=world_size, rank=rank, zero_stage=1)
-        assert model.params.size % world_size == 0 and model.params.size >= n
+        assert model.params_memory.size % world_size == 0 and model.params_memory.size >= n
         comm.rank, comm.world_size, comm.comm = rank, world_size, Recorder()
-        comm.reduce_scatter(model.grads)
-        comm.all_gather(model.params)
+        comm.reduce_scatter(model.grads_memory)
+        comm.all_gather(model.params_memory)
         lo, hi = gpt.optimizer_range(n, world_size, rank, zero_stage=1)
         size = distributed.shard_size(n, world_size)
         assert lo == rank * size and hi - lo <= size
-        grads, params = K.device.pointer(model.grads), K.device.pointer(model.params)
+        grads, params = K.device.pointer(model.grads_memory), K.device.pointer(model.params_memory)
         assert comm.comm.calls == [("reduce_scatter", grads, grads + 2 * lo, size, 9),
                                    ("all_gather", params + 2 * lo, params, size, 9)]

@@ -124,7 +124,8 @@ def test_zero1_updates_every_parameter_exactly_once_with_its_tensors_decay_and_i
             name = list(shapes)[i]
             # the values are the flat indices: the slice is where the tensor index and offset say
             np.testing.assert_array_equal(params, np.arange(starts[i] + offset, starts[i] + offset + params.size))
-            assert np.shares_memory(grads, model.grads) and m.size == params.size and np.shares_memory(m, model.m)
+            assert np.shares_memory(grads, model.grads_memory) and m.size == params.size
+            assert np.shares_memory(m, model.m_memory)
             assert decay == (0.1 if name in gpt.DECAYED else 0.0)
             updated[i][offset:offset + params.size] += 1
     for name, counts in zip(shapes, updated):
@@ -275,7 +276,8 @@ RECORDER = textwrap.dedent("""
 
     def first_held(model, *args):
         if not os.path.exists(f"{{out}}_held_{{rank}}.npz"):
-            np.savez(f"{{out}}_held_{{rank}}.npz", m=model.K.download(model.m), v=model.K.download(model.v))
+            np.savez(f"{{out}}_held_{{rank}}.npz", m=model.K.download(model.m_memory),
+                     v=model.K.download(model.v_memory))
         return gradients(model, *args)
 
     DataLoader.next_batch, gpt.gradients = recording, first_held
@@ -398,9 +400,8 @@ def test_a_round_trip_through_other_counts_with_no_step_between_rewrites_the_sam
             loader = DataLoader(positions[1], 2, 16, config.vocab_size, rank, nproc, shuffle=True,
                                 layout=checkpoint.layout, grad_accum_steps=tokens_per_step // (32 * nproc))
             loader.restore(state.epoch, state.epoch_samples)
-            write_state(target / f"state_00000004_{rank:05d}.bin", gpt.checkpoint_state(
-                model, loader, tokens_per_step, state.step, state.rng_state, state.rng_state_last_update,
-                gpt.OutlierDetector(state.loss_window), gpt.OutlierDetector(state.norm_window)))
+            write_state(target / f"state_00000004_{rank:05d}.bin",
+                        gpt.checkpoint_state(model, loader, tokens_per_step, gpt.Progress.restored(state)))
         assert all(a.tobytes() == b.tobytes() for a, b in zip(gathered_state(target, 4, nproc, zero), original))
         source = target
     for rank in range(4):

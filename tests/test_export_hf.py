@@ -46,7 +46,7 @@ def test_transformers_gives_our_logits(trained, exported):
     tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 48)).astype(np.int32)
     model = gpt.GPT2(config, params, 2, 48)
     gpt.forward(model, tokens)
-    ours = model.a["logits"][..., :config.vocab_size]
+    ours = model.acts["logits"][..., :config.vocab_size]
     with torch.no_grad():
         theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
     assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()

@@ -66,7 +66,7 @@ def model_for(K, case, recompute=1, gelu_fusion=2, master_weights=True):
 def test_logits_and_loss_meet_llmc_bf16_bar(K, case, recompute, gelu_fusion):
     model, debug = model_for(K, case, recompute, gelu_fusion), case["debug"]
     gpt.forward(model, debug.x)
-    logits = K.download(model.a["logits"])[..., :case["config"].vocab_size]
+    logits = K.download(model.acts["logits"])[..., :case["config"].vocab_size]
     assert np.abs(logits - debug.logits).max() <= LLMC_LOGITS_ATOL
     assert np.linalg.norm(logits - debug.logits) <= LOGITS_REL_ERR * np.linalg.norm(debug.logits)
     assert abs(float(gpt.backward(model, debug.y)) - debug.loss) <= LLMC_LOSS_ATOL
@@ -78,7 +78,7 @@ def test_every_gradient_tensor_meets_llmc_thresholds(K, case, recompute, gelu_fu
     gpt.forward(model, debug.x)
     gpt.backward(model, debug.y)
     shapes = param_shapes(case["config"])
-    ours, theirs = gpt.carve(K.download(model.grads), shapes), gpt.carve(debug.grads, shapes)
+    ours, theirs = gpt.carve(K.download(model.grads_memory), shapes), gpt.carve(debug.grads, shapes)
     excess = {name: float(np.max(np.abs(ours[name] - theirs[name]) - LLMC_BF16_EPS * np.abs(theirs[name])
                                  - LLMC_GRAD_THRESHOLDS[name])) for name in shapes}
     assert len(excess) == 16 and max(excess.values()) <= 0, excess
@@ -95,12 +95,12 @@ def test_gradient_accumulation_adds_micro_steps(K, case):
     model, debug = model_for(K, case), case["debug"]
     gpt.forward(model, debug.x)
     gpt.backward(model, debug.y)
-    once = gpt.carve(K.download(model.grads), param_shapes(case["config"]))
+    once = gpt.carve(K.download(model.grads_memory), param_shapes(case["config"]))
     gpt.zero_grad(model)
     for _ in range(2):
         gpt.forward(model, debug.x)
         gpt.backward(model, debug.y, grad_accum_steps=2)
-    twice = gpt.carve(K.download(model.grads), param_shapes(case["config"]))
+    twice = gpt.carve(K.download(model.grads_memory), param_shapes(case["config"]))
     for name in once:
         assert np.linalg.norm(twice[name] - once[name]) <= 2.0**-8 * np.linalg.norm(once[name]), name
 
@@ -120,7 +120,7 @@ def train_steps(K, case, steps, master_weights=True):
 @pytest.mark.parametrize("master_weights", [True, False], ids=["master", "no-master"])
 def test_ten_adamw_steps_stay_within_llmc_bar_of_pytorch(K, case, master_weights):
     model, losses = train_steps(K, case, ADAMW_STEPS, master_weights)
-    assert (model.master is not None) == master_weights
+    assert (model.master_weights is not None) == master_weights
     np.testing.assert_allclose(losses, case["torch_losses"], rtol=0, atol=LLMC_STEP_LOSS_ATOL)
     assert losses[-1] < losses[0] - 0.5  # the steps really moved the model
 
@@ -128,17 +128,18 @@ def test_ten_adamw_steps_stay_within_llmc_bar_of_pytorch(K, case, master_weights
 def test_two_runs_are_bit_identical(K, case):
     runs = [train_steps(K, case, 3) for _ in range(2)]
     assert runs[0][1] == runs[1][1]
-    for buffer in ("params", "grads", "m", "v", "master"):
+    for buffer in ("params_memory", "grads_memory", "m_memory", "v_memory", "master_weights"):
         np.testing.assert_array_equal(K.download(getattr(runs[0][0], buffer)), K.download(getattr(runs[1][0], buffer)))
 
 
 def test_memory_is_bf16_where_llmc_keeps_bf16(K, case):
     model = model_for(K, case)
     n = num_parameters(case["config"])
-    assert model.params.nbytes == model.grads.nbytes == 2 * n
-    assert model.m.nbytes == model.v.nbytes == model.master.nbytes == 4 * n
-    assert model.a["qkv"].dtype == model.a["logits"].dtype == K.FLOAT and model.a["att_lse"].dtype == np.float32
-    np.testing.assert_array_equal(K.download(model.master), case["params"])  # the fp32 values, not rounded
+    assert model.params_memory.nbytes == model.grads_memory.nbytes == 2 * n
+    assert model.m_memory.nbytes == model.v_memory.nbytes == model.master_weights.nbytes == 4 * n
+    assert model.acts["qkv"].dtype == model.acts["logits"].dtype == K.FLOAT
+    assert model.acts["att_lse"].dtype == np.float32
+    np.testing.assert_array_equal(K.download(model.master_weights), case["params"])  # the fp32 values, not rounded
 
 
 # ----------------------------------------------------------------------------- the trainer end to end

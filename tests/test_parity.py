@@ -51,7 +51,7 @@ def rel_err(ours, theirs):
 def test_logits_and_loss_match_pytorch(case):
     model, debug = fresh_model(case), case["debug"]
     gpt.forward(model, debug.x)
-    logits = model.a["logits"][..., :case["config"].vocab_size]
+    logits = model.acts["logits"][..., :case["config"].vocab_size]
     # every logit within 1e-5 of the largest logit's magnitude
     assert np.max(np.abs(logits - debug.logits)) <= 1e-5 * np.max(np.abs(debug.logits))
     loss = gpt.backward(model, debug.y)
@@ -62,7 +62,7 @@ def test_every_gradient_tensor_matches_pytorch(case):
     model, debug = fresh_model(case), case["debug"]
     gpt.forward(model, debug.x)
     gpt.backward(model, debug.y)
-    ours = gpt.carve(model.grads, param_shapes(case["config"]))
+    ours = gpt.carve(model.grads_memory, param_shapes(case["config"]))
     theirs = gpt.carve(debug.grads, param_shapes(case["config"]))
     errors = {name: rel_err(ours[name], theirs[name]) for name in ours}
     assert len(errors) == 16
@@ -86,12 +86,12 @@ def test_gradient_accumulation_adds_micro_steps(case):
     model, debug = fresh_model(case), case["debug"]
     gpt.forward(model, debug.x)
     gpt.backward(model, debug.y)
-    once = model.grads.copy()
+    once = model.grads_memory.copy()
     gpt.zero_grad(model)
     for _ in range(2):
         gpt.forward(model, debug.x)
         gpt.backward(model, debug.y, grad_accum_steps=2)
-    np.testing.assert_allclose(model.grads, once, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(model.grads_memory, once, rtol=1e-5, atol=1e-9)
 
 
 def test_recompute_and_gelu_fusion_save_memory_and_change_no_bit(case):
@@ -110,7 +110,7 @@ def test_recompute_and_gelu_fusion_save_memory_and_change_no_bit(case):
                 gpt.forward(model, debug.x)
                 losses.append(gpt.backward(model, debug.y))
                 gpt.update(model, ADAMW_LR, ADAMW_WD, step, K.clip_scale(gpt.grad_norm(model), gpt.GRAD_CLIP), 0)
-            results[recompute, gelu_fusion] = (losses, model.grads.copy(), model.params.copy())
+            results[recompute, gelu_fusion] = (losses, model.grads_memory.copy(), model.params_memory.copy())
             sizes[recompute] = model.acts_memory.nbytes
     for losses, grads, params in results.values():
         assert losses == results[0, 0][0]
@@ -142,7 +142,7 @@ def test_saved_model_reloads_bit_exact(case, tmp_path):
     gpt.save_model(model, tmp_path / "model.bin")
     config, params = gpt.load_params(tmp_path / "model.bin")
     assert config == case["config"]
-    np.testing.assert_array_equal(params, model.params)
+    np.testing.assert_array_equal(params, model.params_memory)
 
 
 @pytest.mark.parametrize("descriptor,layers,channels,heads", [

@@ -58,7 +58,7 @@ def test_logits_with_the_kv_cache_equal_a_full_forward_at_every_position(model_f
     model = our_model(model_file)
     tokens = np.random.default_rng(0).integers(0, 50257, (1, MAXT)).astype(np.int32)
     gpt.forward(model, tokens)
-    full = model.a["logits"].copy()  # (1, T, Vp)
+    full = model.acts["logits"].copy()  # (1, T, Vp)
     cache = gpt.KVCache(model, 1, MAXT)
     cached = [gpt.forward(model, tokens[:, :7], cache).copy()]  # a prompt, then one position at a time
     cached += [gpt.forward(model, tokens[:, t:t + 1], cache).copy() for t in range(7, MAXT)]

@@ -281,9 +281,12 @@ def test_sigterm_at_any_moment_never_leaves_a_checkpoint_without_done(data, tmp_
     moments. Each time, every model_/state_ under its final name has its DONE, and -y 1 goes on
     from the newest DONE."""
     cmd = [sys.executable, str(REPO / "train_gpt2.py"), *TINY, *data, "-v", "0", "-x", "400", "-n", "1"]
-    for i, delay in enumerate((1.3, 1.7, 2.1, 2.6, 3.2)):
+    for i, delay in enumerate((0.2, 0.6, 1.0, 1.5, 2.1)):  # seconds after the run directory's log appears
         run_dir = tmp_path / f"r{i}"
         proc = subprocess.Popen([*cmd, "-o", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started = time.monotonic()  # start-up takes 1-3 s, by the load: the signals are timed from its end
+        while not (run_dir / "main.log").exists() and time.monotonic() - started < 60:
+            time.sleep(0.01)
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
@@ -372,13 +375,17 @@ BAD_INPUTS = [
     (["-c", "inf"], "-c inf: must be a finite number"),
     (["--rendezvous-timeout", "nan"], "--rendezvous-timeout nan: must be a finite number"),
     (["-e", "q12"], "q12"),
-    (["-e", "README.md"], "model 'README.md' is neither a .bin checkpoint nor dN / gpt2:dN"),
+    (["-e", "README.md"], "-e README.md: neither a .bin checkpoint nor dN / gpt2:dN"),
+    (["-e", "d100000"], "-e d100000: "),  # numpy's 'Maximum allowed dimension exceeded' named no flag
+    (["-d", "0"], "-d 0: the total batch must be positive"),  # 0 is a multiple of B*T: that was the message
+    (["-h"], "-h is llm.c's HellaSwag flag, 0 or 1; for help, give --help"),
+    (["-h", "-x", "3"], "-h is llm.c's HellaSwag flag, 0 or 1; for help, give --help"),
     (["-e", "missing.bin"], "missing.bin"),
     (["-e", "bad.bin"], "bad.bin"),
-    (["-i", "nothing_*.bin"], "nothing_*.bin"),
-    (["-j", "nothing.bin"], "nothing.bin"),
+    (["-i", "nothing_*.bin"], "-i nothing_*.bin: no file matches"),
+    (["-j", "nothing.bin"], "-j nothing.bin: no file matches"),
     (["-i", "badshard.bin"], "badshard.bin"),
-    (["-h", "1"], "hellaswag_val.bin"),
+    (["-h", "1"], "no data/hellaswag/hellaswag_val.bin: python -m prepro.hellaswag writes it"),
     (["-o", "full"], "-y 1"),
     (["-o", ""], "-o '': give a run directory's path"),
     (["-o", "bad.bin"], "-o bad.bin: is a file, not a directory"),
@@ -419,7 +426,10 @@ def test_the_backend_chosen_is_said_in_one_line(data, tmp_path):
     else:  # auto falls back, and says why
         assert auto[0] == f"--device auto: {cuda_unavailable()}, so the NumPy backend runs on the CPU"
         assert auto[1:3] == cpu[:2] and losses_and_vals("\n".join(auto)) == losses_and_vals("\n".join(cpu))
-    assert cpu[0] == "backend: NumPy on CPU (fp32) | recompute -r 1 | GELU fusion -ge 2"
+    # what -ge -1 became, which --help says for the CPU (its help once said 0 below sm90, and the CPU said 2)
+    assert cpu[0] == "backend: NumPy on CPU (fp32) | recompute -r 1 | GELU fusion -ge 2 (-1: this backend's choice)"
+    ge_help = " ".join(help_blocks("train_gpt2.py")["-ge"])
+    assert "-1: the backend's choice, 2 on sm90 and newer and on the CPU" in ge_help
 
 
 # ----------------------------------------------------------------------------- schedules and the outlier detector
@@ -537,3 +547,91 @@ def test_a_bad_token_in_a_later_shard_ends_the_run_in_one_line(data, tmp_path):
     assert result.stderr.strip() == f"error: {tmp_path / second.name}: token 50257 at position 5 is not below the " \
                                     f"vocab size 50257", result.stderr
     assert re.search(r"^step +46/100 ", result.stdout, re.M)  # all of train_000003 had been trained on
+
+
+# ----------------------------------------------------------------------------- what a new user sees
+
+def help_blocks(script):
+    """--help of a script, as flag -> the words of its help."""
+    out = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, check=True)
+    blocks, flag = {}, None
+    for line in out.stdout.split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            flag, line = line.split()[0], " ".join(line.split()[1:])
+        if flag:
+            blocks.setdefault(flag, []).extend(line.split())
+    return blocks
+
+
+@pytest.mark.parametrize("script", ["train_gpt2.py", "dev/torch_train.py", "dev/loss_parity.py"])
+def test_help_shows_every_flags_default(script):
+    blocks = help_blocks(script)
+    assert len(blocks) > 10 and "-l" in blocks
+    for flag, words in blocks.items():
+        if flag != "--help":
+            assert "(default:" in " ".join(words), (flag, " ".join(words))
+
+
+def test_the_three_scripts_declare_llm_c_flags_alike_and_read_them_by_name(tmp_path):
+    import loss_parity
+    import torch_train
+    parity = lambda argv: loss_parity.parse_args([*argv, "-o", str(tmp_path)])  # noqa: E731
+    for parse in (gpt.parse_args, torch_train.parse_args, parity):
+        with pytest.raises(SystemExit) as e:  # loss_parity's copy of -k once took any schedule
+            parse(["-k", "sqrt"])
+        assert e.value.code == 1
+        args = parse(["-l", "1e-3", "-k", "wsd", "-b", "3", "-d", "-1"])
+        assert (args.learning_rate, args.lr_schedule, args.micro_batch_size, args.total_batch_size) == \
+            (1e-3, "wsd", 3, -1)
+    blocks = [help_blocks(s) for s in ("train_gpt2.py", "dev/torch_train.py", "dev/loss_parity.py")]
+    for flag in ("-i", "-j", "-b", "-t", "-k", "-l", "-u", "-q", "-c", "-v", "-m"):  # the same words, defaults aside
+        first, *others = [" ".join(b[flag]).split("(default:")[0] for b in blocks]
+        assert all(other == first for other in others), flag
+
+
+def test_a_slow_cpu_step_is_estimated_before_the_first_step(data, capsys, monkeypatch):
+    """python train_gpt2.py with no flags trains GPT-2 124M on the CPU: about a minute a step here, and
+    once nothing said so before the first step came minutes later. The estimate is llm.c's flops per
+    token (6 per parameter plus 6 L C T) over the matmul rate measured; here a slow one is given."""
+    monkeypatch.setattr(gpt, "SLOW_CPU_STEP", 1e-3)  # seconds: d1's step is slow beside it
+    monkeypatch.setattr(gpt, "matmul_rate", lambda: 1e6)
+    gpt.main([*TINY, *data, "-v", "1", "-m", "1", "-x", "3", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    estimate = next(i for i, line in enumerate(lines) if line.startswith("on the CPU: about "))
+    assert estimate < min(i for i, line in enumerate(lines) if line.startswith(("val loss", "step")))
+    config = gpt.config_from_descriptor("d1")
+    flops = (6 * gpt.num_parameters(config) + 6 * 1 * 64 * 32) * 2 * 32  # d1: L=1 C=64; B=2 T=32
+    minutes, seconds = map(int, re.search(r"about (\d+)m(\d+)s a step", lines[estimate]).groups())
+    assert abs(60 * minutes + seconds - flops / 1e6) <= 1
+    assert "for 3 steps; -e d2 takes about" in lines[estimate]
+    monkeypatch.setattr(gpt, "matmul_rate", lambda: 1e15)
+    gpt.main([*TINY, *data, "-v", "0", "-x", "1", "--device", "cpu"])
+    assert "on the CPU: about" not in capsys.readouterr().out  # a fast step is not worth a line
+
+
+def test_a_long_evaluation_shows_progress_on_stderr(data, capsys, monkeypatch):
+    gpt.main([*TINY, *data, "-v", "1", "-m", "3", "-x", "1"])
+    assert capsys.readouterr().err == ""  # quick evaluations show nothing
+    monkeypatch.setattr(gpt, "EVAL_PROGRESS_DELAY", 0)  # as if each took longer than the delay
+    gpt.main([*TINY, *data, "-v", "1", "-m", "3", "-x", "1"])
+    err = capsys.readouterr().err
+    assert "val loss" in err and "/3 [" in err, err
+
+
+def test_the_step_line_ends_with_the_time_left(data, capsys):
+    gpt.main([*TINY, *data, "-v", "0", "-x", "4"])
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(steps) == 4 and all(re.search(r"\| [\d.]+ s left$", line) for line in steps), steps
+    assert steps[-1].endswith("| 0.0 s left")
+
+
+@pytest.mark.parametrize("seconds, expected", [(0.42, "0.4 s"), (42.4, "42 s"), (425, "7m05s"), (11520, "3h12m")])
+def test_durations_read_as_a_person_says_them(seconds, expected):
+    assert gpt.duration(seconds) == expected
+
+
+def test_missing_default_data_names_the_command_that_writes_it(tmp_path):
+    result = run(*TINY, "-x", "1", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stderr == (
+        "error: -i data/tinyshakespeare/tiny_shakespeare_train.bin: no file matches this pattern (the default data: "
+        "python -m prepro.tinyshakespeare writes it)\n")

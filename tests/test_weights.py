@@ -52,7 +52,7 @@ def test_our_forward_on_the_converted_model_gives_transformers_logits(hf_dir, co
     gpt.forward(model, tokens)
     with torch.no_grad():
         expected = hf(torch.from_numpy(tokens).long()).logits.numpy()
-    ours = model.a["logits"][..., :V]
+    ours = model.acts["logits"][..., :V]
     assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
