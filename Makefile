@@ -35,10 +35,13 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q -m serial
 
 # llm.c's test_gpt2 on OpenAI's GPT-2 124M: the weights from the Hugging Face hub (needs the network
-# once), the PyTorch reference's debug state on the first Tiny Shakespeare val tokens, then our model
-# against it (DEVICE=cuda for the GPU and llm.c's bf16 bars)
+# once; offline, GPT2_SOURCE=DIR reads a GPT-2 124M directory written by save_pretrained instead), the
+# PyTorch reference's debug state on the first Tiny Shakespeare val tokens, then our model against it
+# (DEVICE=cuda for the GPU and llm.c's bf16 bars). GPT2_WEIGHTS_MAKE_COMMAND: the script's failed
+# download names this command, not its own --source, which a make user cannot pass
 data/gpt2_124M.bin: | $(VENV)/.runtime
-	$(PY) -m prepro.gpt2_weights gpt2
+	GPT2_WEIGHTS_MAKE_COMMAND="make $(MAKECMDGOALS) GPT2_SOURCE=DIR" \
+		$(PY) -m prepro.gpt2_weights $(if $(GPT2_SOURCE),--source "$(GPT2_SOURCE)",gpt2)
 
 data/gpt2_124M_debug_state.bin: data/gpt2_124M.bin | $(VENV)/.test
 	$(PY) -m prepro.tinyshakespeare

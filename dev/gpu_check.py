@@ -7,17 +7,18 @@ for it (`make gpu-prep DIR=dir`).
                                                [--stages tests,parity] [--tests ARGS]
     python dev/gpu_check.py summary log_gpu_check          # the summary screen again, from the records
 
-`run` starts with a preflight: the device (CuPy only), then the kernels built for it (nvcc needs
-none of the wheels, and a cold build is the preflight's longest step), then the prep folder's wheels
-that the machine lacks, then the CUDA backend proven (kernels.cuda_unavailable() is None, one
-cuBLASLt matmul through kernels.cuda) and the versions read from the installed packages' metadata
-(importlib.metadata: no `import torch` for a version string). It stops with one line when any of
-that fails. Then each stage of STAGES runs in its own time slot (a hang costs that stage, not the
-run; a failed stage does not stop the later ones), writing its logs and JSON records under
-OUT/<stage>/, and the run ends with one summary screen (also OUT/summary.txt) and exit status 0 only
-if every stage passed. On a GPU machine a skipped GPU test is a failure: without nvmath-python every
-GPU test skips, and the run would look green while testing nothing. The training bench and the parity
-run rewrite their records as they go, so a stage stopped at its limit still leaves one, marked so.
+`run` starts with a preflight: a GPU on the machine at all (its device files, or nvidia-smi), then the
+device through CuPy, then the kernels built for it (nvcc needs none of the wheels, and a cold build is
+the preflight's longest step), then the prep folder's wheels that the machine lacks, then the CUDA
+backend proven (kernels.cuda_unavailable() is None, one cuBLASLt matmul through kernels.cuda) and the
+versions read from the installed packages' metadata (importlib.metadata: no `import torch` for a
+version string). It stops with one line when any of that fails. Then each stage of STAGES runs in its
+own time slot (a hang costs that stage, not the run; a failed stage does not stop the later ones),
+writing its logs and JSON records under OUT/<stage>/, and the run ends with one summary screen (also
+OUT/summary.txt) and exit status 0 only if every stage passed. On a GPU machine a skipped GPU test is a
+failure: without nvmath-python every GPU test skips, and the run would look green while testing
+nothing. The training bench and the parity run rewrite their records as they go, so a stage stopped at
+its limit still leaves one, marked so.
 
 What comes back. --fetch DIR (the device tool's $OUT, which returns at most 8 files, 16 MiB each, 2
 folders deep) receives, flat, after every stage: summary.txt, gpu_check.json, the stages' JSON records
@@ -58,6 +59,7 @@ PYTHONPATH, when the machine lacks it), DIR/data/ and DIR/kernels/build/ (copied
 where files are missing).
 """
 import argparse
+import glob
 import importlib.metadata
 import importlib.util
 import json
@@ -105,6 +107,11 @@ OOM = "ran out of GPU memory"  # dev/bench/train.py's line when a side does not 
 
 # What the device tool brings back from $OUT: at most 8 files, 16 MiB each, 2 folders deep.
 FETCH_FILES, FETCH_FILE_BYTES = 8, 16 * 2**20
+
+# An NVIDIA GPU shows as a device file /dev/nvidia<N> (on Linux, and in a container given one); WSL has
+# no such file, and there nvidia-smi lists the GPU.
+GPU_DEVICE_FILES = "/dev/nvidia[0-9]*"
+NVIDIA_SMI_TIMEOUT_S = 10
 
 # The device, with CuPy alone: what the kernel build needs to know (its architecture).
 DEVICE_PROBE = r"""
@@ -377,7 +384,7 @@ class Stage:
     limit_s: int
     run: Callable        # run(slot) -> True when the stage passed; its commands go through slot.command
     summary: Callable    # summary(stage folder, the stage's record) -> lines for the summary screen
-    proves: str          # one line, for --help and the README
+    proves: str          # one line, for --help and docs/gpu-check.md
 
 
 # A check that needs a GPU is a stage here: a function that runs its commands through the slot, a
@@ -466,6 +473,26 @@ class PreflightError(Exception):
     """Why the machine cannot run the stages, in one line."""
 
 
+def gpu_missing():
+    """Why this machine has no NVIDIA GPU, in one line, or None when it has one. Asked before anything
+    imports CuPy, so that a machine without a GPU says that, and not what Python packages it lacks."""
+    if glob.glob(GPU_DEVICE_FILES):
+        return None
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "no GPU on this machine: no /dev/nvidia<N> device and no nvidia-smi"
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"no GPU on this machine: no /dev/nvidia<N> device, and nvidia-smi -L gave no answer in " \
+               f"{NVIDIA_SMI_TIMEOUT_S} s"
+    if listed.returncode == 0 and re.search(r"^GPU \d+:", listed.stdout, re.MULTILINE):
+        return None
+    said = [line.strip() for line in (listed.stdout + listed.stderr).splitlines() if line.strip()]
+    return f"no GPU on this machine: no /dev/nvidia<N> device, and nvidia-smi -L says " \
+           f"{said[0] if said else f'nothing (exit status {listed.returncode})'}"
+
+
 def logged(argv, env, log, deadline, what):
     """Run argv (from the repository root) before the preflight's deadline, its output appended to
     log; its stdout, or PreflightError naming `what` with its last line of error."""
@@ -499,6 +526,9 @@ def preflight(out, prep, site, env):
         stdout = step(name, [sys.executable, "-c", code], "the GPU backend does not run here")
         return json.loads(stdout.splitlines()[-1])
 
+    missing = gpu_missing()
+    if missing is not None:
+        raise PreflightError(missing)
     info = probe("device", DEVICE_PROBE)
     if not info["cupy"] or info["device_error"] is not None:  # nothing in the prep folder can help
         raise PreflightError("no usable GPU backend: " + (

@@ -48,47 +48,62 @@ def read_log(path):
 
 
 def smooth(values, window):
-    """vislog's moving average: a centred window of `window` values, the ends padded with the edge value."""
+    """A centred moving average of `window` values, as vislog's, but for the ends: there the window holds
+    the values there are, fewer, where vislog pads with copies of the edge value, so that one noisy last
+    step counted window/2 times bent the curve up (or down) at its end."""
     values = np.asarray(values, dtype=np.float64)
-    if window < 3 or values.size < window:
+    if window < 3:
         return values
-    padded = np.pad(values, (window // 2, window - 1 - window // 2), mode="edge")
-    return np.convolve(padded, np.ones(window) / window, mode="valid")
+    edges = (window // 2, window - 1 - window // 2)  # values before and after the centre
+    sums = np.convolve(np.pad(values, edges), np.ones(window), mode="valid")  # zeros beyond the ends add nothing
+    counts = np.convolve(np.pad(np.ones(values.size), edges), np.ones(window), mode="valid")
+    return sums / counts
 
 
-def plot(runs, path, smoothing=0, gpt2=None):
-    """runs: {label: read_log(...)}; writes an image, in the format of path's extension (one of FORMATS):
-    train loss, val loss, and HellaSwag when any run has it (or gpt2, one of GPT2_VAL_LOSS's sizes,
-    asks for its reference line)."""
-    hellaswag = gpt2 is not None or any(curves["eval"] for curves in runs.values())
-    fig, axes = plt.subplots(1, 3 if hellaswag else 2, figsize=(18 if hellaswag else 12, 4.5))
-    train_ax, val_ax = axes[0], axes[1]
-    for i, (label, curves) in enumerate(runs.items()):
-        color = f"C{i}"
-        steps = sorted(curves["trl"])
-        values = [curves["trl"][s] for s in steps]
-        if smoothing >= 3:
-            train_ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-        train_ax.plot(steps, smooth(values, smoothing), color=color, label=label, linewidth=1.2)
-        steps = sorted(curves["tel"])
-        val_ax.plot(steps, [curves["tel"][s] for s in steps], "o-", color=color, label=label, markersize=3,
-                    linewidth=1)
-        if hellaswag:
-            steps = sorted(curves["eval"])
-            axes[2].plot(steps, [curves["eval"][s] for s in steps], "o-", color=color, label=label, markersize=3,
-                         linewidth=1)
-    if gpt2 is not None:
-        val_ax.axhline(GPT2_VAL_LOSS[gpt2], color="r", linestyle="--", label=f"OpenAI GPT-2 ({gpt2}) checkpoint")
-        axes[2].axhline(GPT2_HELLASWAG[gpt2], color="r", linestyle="--", label=f"OpenAI GPT-2 ({gpt2}) checkpoint")
-    titles = [f"train loss{f' (moving average of {smoothing})' if smoothing >= 3 else ''}", "val loss",
-              "HellaSwag"][:len(axes)]
-    for ax, title in zip(axes, titles):
-        ax.set_title(title)
+PANELS = {"trl": "train loss", "tel": "val loss", "eval": "HellaSwag"}  # read_log's curves, in panel order
+GPT2 = {"tel": GPT2_VAL_LOSS, "eval": GPT2_HELLASWAG}
+
+
+def missing_panels(runs):
+    """The titles of PANELS that no run has values for."""
+    return [title for kind, title in PANELS.items() if not any(curves[kind] for curves in runs.values())]
+
+
+def figure(runs, smoothing=0, gpt2=None):
+    """runs: {label: read_log(...)} -> a Figure with a panel for each of train loss, val loss and HellaSwag
+    that some run has values for, and in each a line for each run with values there (a run keeps its
+    colour across panels). gpt2, one of GPT2_VAL_LOSS's sizes, adds OpenAI's GPT-2 as a reference line
+    to the val loss and HellaSwag panels there are."""
+    missing = missing_panels(runs)
+    kinds = [kind for kind, title in PANELS.items() if title not in missing]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for i, (label, curves) in enumerate(runs.items()):
+            if not curves[kind]:
+                continue
+            steps = sorted(curves[kind])
+            values = [curves[kind][s] for s in steps]
+            if kind == "trl":
+                if smoothing >= 3:
+                    ax.plot(steps, values, color=f"C{i}", alpha=0.25, linewidth=0.8)
+                ax.plot(steps, smooth(values, smoothing), color=f"C{i}", label=label, linewidth=1.2)
+            else:
+                ax.plot(steps, values, "o-", color=f"C{i}", label=label, markersize=3, linewidth=1)
+        if gpt2 is not None and kind in GPT2:
+            ax.axhline(GPT2[kind][gpt2], color="r", linestyle="--", label=f"OpenAI GPT-2 ({gpt2}) checkpoint")
+        smoothed = f" (moving average of {smoothing})" if kind == "trl" and smoothing >= 3 else ""
+        ax.set_title(PANELS[kind] + smoothed)
         ax.set_xlabel("step")
-        ax.set_ylabel("accuracy" if title == "HellaSwag" else "loss (nats per token)")
+        ax.set_ylabel("accuracy" if kind == "eval" else "loss (nats per token)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot(runs, path, smoothing=0, gpt2=None):
+    """figure(runs, smoothing, gpt2) written to path, in the format of its extension (one of FORMATS)."""
+    fig = figure(runs, smoothing, gpt2)
     fig.savefig(path, dpi=120, format=os.path.splitext(path)[1][1:].lower())
     plt.close(fig)
 
@@ -147,6 +162,11 @@ def main(argv=None):
         if label in runs:
             label = f"{label} ({log})"
         runs[label] = curves
+    dropped = [title for title in missing_panels(runs) if title != PANELS["trl"]]
+    if args.gpt2 is not None and dropped:
+        lines = "line is" if len(dropped) == 1 else "lines are"
+        print(f"--gpt2 {args.gpt2}: no run has {' or '.join(dropped)} values, so OpenAI GPT-2's "
+              f"{' and '.join(dropped)} {lines} left out, with the panel")
     plot(runs, path, args.smooth, args.gpt2)
     print(f"wrote {path}")
 

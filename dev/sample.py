@@ -10,6 +10,7 @@ through the model, not the whole prefix (train_gpt2.Sampler, the code the traine
 The text goes to stdout; the one-line summary (tokens, seconds, tokens/s) to stderr.
 """
 import codecs
+import math
 import os
 import shlex
 import sys
@@ -78,8 +79,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.g < 1:
         fail(f"-g {args.g}: generate at least 1 token")
-    if not args.temperature >= 0:
-        fail(f"--temperature {args.temperature}: must not be negative (0 is greedy)")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        fail(f"--temperature {args.temperature}: must be a finite number >= 0 (0 is greedy)")
     if args.top_k < 0:
         fail(f"--top-k {args.top_k}: must not be negative (0: all tokens)")
     if args.seed < 0:

@@ -117,6 +117,14 @@ def llmc_name(config, params):
     return LLMC_NAMES.get((config.num_layers, config.channels), f"{round(unpadded / 1e6)}M")
 
 
+def local_source():
+    """How to read a local directory instead of the download: this script's flag, or under make (which
+    cannot pass --source) the make command the Makefile gives in GPT2_WEIGHTS_MAKE_COMMAND."""
+    command = os.environ.get("GPT2_WEIGHTS_MAKE_COMMAND")
+    how = f"run {command}" if command else "give --source DIR"
+    return f"{how}: a GPT-2 directory written by save_pretrained"
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", choices=tuple(HUB_REPOS), help="the GPT-2 to download from the hub")
@@ -132,7 +140,7 @@ def main(argv=None):
             directory = download(args.model)
         except Exception as e:  # the hub's errors are many (network, auth, missing files): each is one line here
             fail(f"cannot download {HUB_REPOS[args.model]} from the Hugging Face hub: "
-                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (or give --source DIR)")
+                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (or {local_source()})")
     else:
         directory = args.source
     try:

@@ -1,14 +1,17 @@
-"""dev/gpu_check.py (make gpu-check, make gpu-prep) without a GPU: it stops at once with one line,
-which comes back in the fetch folder too; its stages run each in its own slot, a failed or hung one
-not stopping the next; what a remote caller fetches is at most 8 files, flat, all logs in one
-tarball; the commit given with --commit reaches every record; a skipped GPU test fails the tests
-stage; the summary screen reads what the stages recorded (junit XML from a real pytest run, JSON
-records as dev/bench/kernels.py, dev/bench/train.py and dev/loss_parity.py write them on a GPU, and
-one from a real CPU run of dev/bench/train.py); the stage limits hold the plan of a 15-minute lease;
-the prep folder's wheels are installed only where the machine lacks them."""
+"""dev/gpu_check.py (make gpu-check, make gpu-prep) without a GPU: it stops at once with one line that says
+so (before anything about CuPy), which comes back in the fetch folder too; its stages run each in its own
+slot, a failed or hung one not stopping the next; what a remote caller fetches is at most 8 files, flat,
+all logs in one tarball; the commit given with --commit reaches every record; a skipped GPU test fails
+the tests stage; the summary screen reads what the stages recorded (junit XML from a real pytest run,
+JSON records as dev/bench/kernels.py, dev/bench/train.py and dev/loss_parity.py write them on a GPU, and
+one from a real CPU run of dev/bench/train.py); the stage limits hold the plan of a 15-minute lease; the
+prep folder's wheels are installed only where the machine lacks them."""
+import glob
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from kernels import cuda_unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "dev"))
@@ -31,27 +33,79 @@ PREFLIGHT = {"device": "NVIDIA H200", "arch": "sm_90a", "driver": 13000, "cubins
              "seconds": {"device": 0.8, "kernels": 0.1, "wheels": 1.0, "backend": 3.2}, "commit": "c585677"}
 
 
-@pytest.mark.skipif(cuda_unavailable() is None, reason="a GPU is here: gpu-check would run for real")
+NO_GPU_HERE = not glob.glob("/dev/nvidia[0-9]*") and shutil.which("nvidia-smi") is None
+
+
+@pytest.mark.skipif(not NO_GPU_HERE, reason="a GPU is here: gpu-check would run for real")
 def test_without_a_gpu_run_ends_in_one_line_and_exit_1(tmp_path):
     result = subprocess.run([sys.executable, SCRIPT, "run", str(tmp_path / "out"), "--fetch", str(tmp_path / "back")],
                             capture_output=True, text=True)
     assert result.returncode == 1 and result.stdout == ""
-    assert re.fullmatch(r"error: no usable GPU backend: .+\n", result.stderr), result.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["preflight.log", "summary.txt"]  # no stage ran
-    # the same line comes back, and the preflight's log in the tarball
+    # the machine's lack first, whatever Python packages it has: this interpreter may well have CuPy
+    assert re.fullmatch(r"error: no GPU on this machine: .+\n", result.stderr), result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.txt"]  # nothing ran, no stage
+    # the same line comes back, in the tarball too
     assert (tmp_path / "back/summary.txt").read_text() == \
         f"gpu-check: stopped in the preflight: {result.stderr.removeprefix('error: ')}"
     with tarfile.open(tmp_path / "back/logs.tar.gz") as tar:
-        assert sorted(tar.getnames()) == ["out", "out/preflight.log", "out/summary.txt"]
+        assert sorted(tar.getnames()) == ["out", "out/summary.txt"]
     # the same through make, which adds its own line on the failed recipe
     result = subprocess.run(["make", "-s", "gpu-check", f"GPU_CHECK_OUT={tmp_path / 'make_out'}",
                              f"PYTHON={sys.executable}", f"DIR={tmp_path / 'no_prep'}"], cwd=REPO, capture_output=True,
                             text=True)
     assert result.returncode == 2 and result.stdout == ""
     # make names itself make[N] when a make runs it (make test, in CI)
-    assert re.match(r"error: no usable GPU backend: .+\nmake(\[\d+\])?: \*\*\* \[Makefile:\d+: gpu-check\] "
+    assert re.match(r"error: no GPU on this machine: .+\nmake(\[\d+\])?: \*\*\* \[Makefile:\d+: gpu-check\] "
                     r"Error 1\n\Z", result.stderr), result.stderr
-    assert (tmp_path / "make_out/preflight.log").exists()
+    assert (tmp_path / "make_out/summary.txt").exists()
+
+
+def fake_nvidia_smi(folder, rc, output):
+    """An nvidia-smi in folder that prints output and exits rc."""
+    folder.mkdir(exist_ok=True)
+    smi = folder / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\nprintf '%s\\n' {shlex.quote(output)}\nexit {rc}\n")
+    smi.chmod(0o755)
+
+
+@pytest.mark.parametrize("device_file, smi, missing", [
+    (None, None, "no GPU on this machine: no /dev/nvidia<N> device and no nvidia-smi"),
+    ("nvidia0", None, None),
+    ("nvidiactl", None, "no GPU on this machine: no /dev/nvidia<N> device and no nvidia-smi"),  # the driver, no GPU
+    (None, (0, "GPU 0: NVIDIA H200 (UUID: GPU-0c1ab2de-0000-1111-2222-333344445555)"), None),  # WSL: no device files
+    (None, (6, "No devices were found"),
+     "no GPU on this machine: no /dev/nvidia<N> device, and nvidia-smi -L says No devices were found"),
+    (None, (9, "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."),
+     "no GPU on this machine: no /dev/nvidia<N> device, and nvidia-smi -L says NVIDIA-SMI has failed because it "
+     "couldn't communicate with the NVIDIA driver."),
+])
+def test_a_gpu_is_its_device_file_or_nvidia_smis_list(tmp_path, monkeypatch, device_file, smi, missing):
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    if device_file:
+        (dev / device_file).touch()
+    monkeypatch.setattr(gc, "GPU_DEVICE_FILES", str(dev / "nvidia[0-9]*"))
+    if smi:
+        fake_nvidia_smi(tmp_path / "bin", *smi)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert gc.gpu_missing() == missing
+
+
+# what the device probe says on a machine without CuPy
+NO_CUPY_PROBE = 'import json; print(json.dumps({"cupy": False, "device_error": None}))'
+
+
+def test_the_preflight_says_there_is_no_gpu_before_what_python_lacks(tmp_path, monkeypatch):
+    monkeypatch.setattr(gc, "DEVICE_PROBE", NO_CUPY_PROBE)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no nvidia-smi
+    monkeypatch.setattr(gc, "GPU_DEVICE_FILES", str(tmp_path / "dev/nvidia[0-9]*"))
+    with pytest.raises(gc.PreflightError, match=r"^no GPU on this machine: no /dev/nvidia<N> device and no "
+                                                r"nvidia-smi$"):
+        gc.preflight(tmp_path, None, tmp_path / "site", dict(os.environ))
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev/nvidia0").touch()  # a GPU is here: now what Python lacks
+    with pytest.raises(gc.PreflightError, match=r"^no usable GPU backend: CuPy is not installed"):
+        gc.preflight(tmp_path, None, tmp_path / "site", dict(os.environ))
 
 
 def test_make_gpu_check_ignores_the_environments_out():

@@ -1,5 +1,9 @@
 """prepro/gpt2_weights.py: a Hugging Face GPT-2 (a small random one the test saves, no network)
-into llm.c's model files, checked against transformers' own forward."""
+into llm.c's model files, checked against transformers' own forward; make test_gpt2 passes its
+GPT2_SOURCE on, and offline the script names the way to give a local directory: its --source, or
+under make that make variable."""
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +114,40 @@ def test_bad_input_is_one_line(hf_dir, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def make_recipe(*variables):
+    """The command make test_gpt2 runs for data/gpt2_124M.bin (make -n: nothing is run), with the test's
+    Python: one shell line."""
+    result = subprocess.run(["make", "--no-print-directory", "-n", "-B", "test_gpt2", f"PY={sys.executable}",
+                             *variables], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.replace("\\\n\t", "").splitlines()
+    return next(line for line in lines if "prepro.gpt2_weights" in line)
+
+
+def test_make_test_gpt2_reads_the_directory_given_as_gpt2_source(hf_dir, tmp_path):
+    source = tmp_path / "a GPT-2 here"  # a space in the path, as a user's may have
+    source.symlink_to(hf_dir[0])
+    recipe = make_recipe(f"GPT2_SOURCE={source}")
+    # what make would run, run from a folder of the test's (it writes data/ where it runs)
+    result = subprocess.run(recipe, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["gpt2_3M.bin", "gpt2_3M_bf16.bin"]
+
+
+def test_offline_the_script_names_its_flag_and_under_make_the_make_variable(tmp_path):
+    offline = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "no_cache"))
+    offline.pop("GPT2_WEIGHTS_MAKE_COMMAND", None)
+    under_make = subprocess.run(make_recipe(), shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                env=offline)
+    direct = subprocess.run([sys.executable, "-m", "prepro.gpt2_weights", "gpt2"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=offline)
+    for result, how in [(under_make, "run make test_gpt2 GPT2_SOURCE=DIR"), (direct, "give --source DIR")]:
+        assert result.returncode == 1 and result.stdout == ""
+        assert re.fullmatch(r"error: cannot download openai-community/gpt2 from the Hugging Face hub: .+ "
+                            rf"\(or {re.escape(how)}: a GPT-2 directory written by save_pretrained\)\n", result.stderr), \
+            result.stderr
+    assert "--source" not in under_make.stderr
+    assert not (tmp_path / "data").exists()
