@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import train_gpt2
+from cli import LLMC_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,15 +44,16 @@ def test_a_recipe_prepares_its_data_then_trains_with_llm_c_s_hyperparameters(rec
                       ["python", "prepro/fineweb.py", "-t", kind, "-v", version]]
     assert train[:4] == ["python", "train_gpt2.py", "-pn", "8"]
     args = train_gpt2.parse_args(train[2:])
+    given = lambda *flags: tuple(getattr(args, LLMC_FLAGS[flag][0]) for flag in flags)  # noqa: E731
     folder, prefix = expected["data"].split("/")
-    assert (args.i, args.j) == (f"data/{folder}/{prefix}_train_*.bin", f"data/{folder}/{prefix}_val_*.bin")
-    assert (args.e, args.b, args.t, args.d, args.l, args.q, args.x, args.n, args.s, args.g, args.ge, args.k) == \
+    assert given("-i", "-j") == (f"data/{folder}/{prefix}_train_*.bin", f"data/{folder}/{prefix}_val_*.bin")
+    assert given("-e", "-b", "-t", "-d", "-l", "-q", "-x", "-n", "-s", "-g", "-ge", "-k") == \
         (expected["e"], expected["b"], 1024, expected["d"], expected["l"], expected["q"], expected["x"],
          expected["n"], expected["s"], expected["g"], expected["ge"], expected["k"])
     # the same in every llm.c run: no recompute, ZeRO-1, weight decay 0.1, 700 warmup steps, val and
     # HellaSwag every 250 steps, resume from the newest checkpoint
-    assert (args.r, args.z, args.c, args.u, args.v, args.h, args.y) == (0, 1, 0.1, 700, 250, 1, 1)
-    assert args.o == f"log_{recipe}"
+    assert given("-r", "-z", "-c", "-u", "-v", "-h", "-y") == (0, 1, 0.1, 700, 250, 1, 1)
+    assert given("-o") == (f"log_{recipe}",)
     assert args.max_restarts > 0  # a rank that dies is restarted by the launcher, which tells it from bad input
     # the total batch divides over 8 processes of B x 1024
     assert expected["d"] % (8 * expected["b"] * 1024) == 0
