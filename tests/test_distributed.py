@@ -526,7 +526,9 @@ def test_a_rank_killed_mid_run_ends_the_job_and_the_last_checkpoint_resumes(data
     deadline = time.monotonic() + 300  # two ranks' start-up (torch, gloo) beside a busy make test's other workers
     while not list((tmp_path / "run").glob("DONE_*")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert list((tmp_path / "run").glob("DONE_*")), "no checkpoint within 300 s: the signal would land before one"
+    if not list((tmp_path / "run").glob("DONE_*")):
+        launcher.kill()
+        pytest.fail("no checkpoint within 300 s: the signal would land before one")
     children = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
     assert len(children) == 2
     rank1 = next(pid for pid in children if "RANK=1\0" in Path(f"/proc/{pid}/environ").read_text())
@@ -554,7 +556,9 @@ def test_the_launcher_passes_ctrl_c_and_sigterm_on_and_leaves_no_process(data, t
     deadline = time.monotonic() + 300  # two ranks' start-up (torch, gloo) beside a busy make test's other workers
     while not list((tmp_path / "run").glob("DONE_*")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert list((tmp_path / "run").glob("DONE_*")), "no checkpoint within 300 s: the signal would land before one"
+    if not list((tmp_path / "run").glob("DONE_*")):
+        launcher.kill()
+        pytest.fail("no checkpoint within 300 s: the signal would land before one")
     children = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
     launcher.send_signal(signum)
     assert launcher.wait(timeout=30) == 128 + signum
