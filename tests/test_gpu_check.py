@@ -547,8 +547,12 @@ def test_bench_records_name_the_checkout_and_whether_it_is_dirty(tmp_path, monke
     git("commit", "-q", "-m", "v1")
     head = git("rev-parse", "--short", "HEAD")
     monkeypatch.setattr(records, "REPO", repo)
+    monkeypatch.setattr(records, "RESULTS", repo / "dev/bench/results")
     (repo / "log_run").mkdir()
     (repo / "log_run/main.log").write_text("s:0 tel:1.0\n")  # ignored: still clean
+    assert records.commit() == head
+    (repo / "dev/bench/results").mkdir(parents=True)
+    (repo / "dev/bench/results/train_cpu_d2.json").write_text("{}")  # a record this run wrote: still clean
     assert records.commit() == head
     (repo / "train_gpt2.py").write_text("print('v2')\n")
     assert records.commit() == head + "+dirty"

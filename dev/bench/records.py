@@ -20,7 +20,8 @@ def git(*args):
 
 def commit():
     """What the figures were measured on: the short commit, '+dirty' added when tracked or unignored
-    files differ from it. From COMMIT_ENV when set, else from git when the repository is a checkout
+    files other than the records themselves (dev/bench/results/, which a run rewrites as it goes: a
+    bench of two models had made the second record dirty with the first) differ from it. From COMMIT_ENV when set, else from git when the repository is a checkout
     of its own (not a copy inside some other one), else 'unknown'."""
     if os.environ.get(COMMIT_ENV):
         return os.environ[COMMIT_ENV]
@@ -28,7 +29,7 @@ def commit():
         top = git("rev-parse", "--show-toplevel")
         if top.returncode != 0 or Path(top.stdout.strip()).resolve() != REPO.resolve():
             return "unknown"
-        dirty = git("status", "--porcelain").stdout.strip() != ""
+        dirty = git("status", "--porcelain", "--", ".", f":!{RESULTS.relative_to(REPO)}").stdout.strip() != ""
         return git("rev-parse", "--short", "HEAD").stdout.strip() + ("+dirty" if dirty else "")
     except OSError:  # no git installed
         return "unknown"
