@@ -118,24 +118,25 @@ class Cuda:
 
     # ------------------------------------------------------------------------- encoder, layernorm, gelu
 
-    def encoder_forward(self, out, inp, wte, wpe):
+    def _encoder_shapes(self, acts, inp, wte, wpe):
+        """B, T, C of an encoder call, forward (out, inp, wte, wpe) or backward (dout, inp, dwte, dwpe),
+        once its shapes and dtypes are checked: (B, T) token ids, 16-byte vectors of 8 bf16 along C."""
         B, T = inp.shape
         C = wte.shape[1]
         self.check(np.int32, inp)
-        assert C % 8 == 0 and out.shape == (B, T, C) and wpe.shape[1] == C and T <= wpe.shape[0]
+        assert C % 8 == 0 and acts.shape == (B, T, C) and wpe.shape[1] == C and T <= wpe.shape[0]
         assert B * T * C < 2**31
-        self.check(self.FLOAT, out, wte, wpe, align=16)
+        self.check(self.FLOAT, acts, wte, wpe, align=16)
+        return B, T, C
+
+    def encoder_forward(self, out, inp, wte, wpe):
+        B, T, C = self._encoder_shapes(out, inp, wte, wpe)
         threads = B * T * (C // 8)
         self.kernel("encoder", "encoder_forward")((ceil_div(threads, BLOCK),), (BLOCK,),
                                                   (out, inp, wte, wpe, i32(B * T), i32(T), i32(C)))
 
     def encoder_backward(self, dwte, dwpe, dout, inp):
-        B, T = inp.shape
-        C = dwte.shape[1]
-        self.check(np.int32, inp)
-        assert C % 8 == 0 and dout.shape == (B, T, C) and dwpe.shape[1] == C and T <= dwpe.shape[0]
-        assert B * T * C < 2**31
-        self.check(self.FLOAT, dwte, dwpe, dout, align=16)
+        B, T, C = self._encoder_shapes(dout, inp, dwte, dwpe)
         self.kernel("encoder", "encoder_backward_wpe")((ceil_div(T * (C // 8), BLOCK),), (BLOCK,),
                                                        (dwpe, dout, i32(B), i32(T), i32(C)))
         # positions grouped by token id, each group in position order (stable), so that every dwte row
