@@ -779,9 +779,9 @@ def plan(args, rank, nproc, restart):
     # a resumed run keeps its total batch, on any number of processes and -b
     tokens_per_step = checkpoint.batch(B, T, args.total_batch_size, nproc) if checkpoint else \
         B * T * nproc if args.total_batch_size == -1 else args.total_batch_size
+    grad_accum_steps = tokens_per_step // (B * T * nproc)
     try:
-        config, params = load_params(checkpoint.model_path) if checkpoint else \
-            load_or_init(args.model)
+        config, params = load_params(checkpoint.model_path) if checkpoint else load_or_init(args.model)
         if T > config.max_seq_len:
             fail(f"-t {T}: above the model's maximum sequence length {config.max_seq_len}")
         if args.sample_every and args.sample_tokens is not None and args.sample_tokens > config.max_seq_len:
@@ -790,17 +790,17 @@ def plan(args, rank, nproc, restart):
         train_loader = DataLoader(args.train_data, B, T, config.vocab_size, rank, nproc,
                                   shuffle=not args.overfit_single_batch,
                                   layout=checkpoint.layout if checkpoint else None,
-                                  grad_accum_steps=tokens_per_step // (B * T * nproc))
+                                  grad_accum_steps=grad_accum_steps)
         val_loader = DataLoader(args.val_data, B, T, config.vocab_size, rank, nproc) if args.val_loss_every else None
         if args.hellaswag and not os.path.exists(HELLASWAG):
             fail(f"-h 1: no {HELLASWAG}: python -m prepro.hellaswag writes it")
         hellaswag = read_hellaswag(HELLASWAG) if args.hellaswag else None
         tokenizer = read_tokenizer(TOKENIZER)[0] if args.sample_every and os.path.exists(TOKENIZER) else None
     except (FormatError, ValueError) as e:
-        flag = {args.train_data: "-i", args.val_data: "-j"}.get(getattr(e, "path", None))
-        default = getattr(e, "path", None) in (TRAIN_DATA, VAL_DATA)
-        fail(f"{flag + ' ' if flag else ''}{e}" + (" (the default data: python -m prepro.tinyshakespeare writes it)"
-                                                 if default else ""))
+        path = getattr(e, "path", None)  # a FormatError's file
+        flag = {args.train_data: "-i ", args.val_data: "-j "}.get(path, "")
+        fail(f"{flag}{e}" + (" (the default data: python -m prepro.tinyshakespeare writes it)"
+                             if path in (TRAIN_DATA, VAL_DATA) else ""))
     if checkpoint:
         checkpoint.check_data(args.train_data, train_loader.data_fingerprint)
     if hellaswag and 4 * (max(len(ex.context) + max(map(len, ex.endings)) for ex in hellaswag) - 1) > B * T:
@@ -832,7 +832,7 @@ def plan(args, rank, nproc, restart):
     sample_tokens = args.sample_tokens if args.sample_tokens is not None else \
         min(SAMPLE_TOKENS, B * T, config.max_seq_len)
     return Plan(run_dir, checkpoint, state, config, params, train_loader, val_loader, val_batches, hellaswag,
-                tokenizer, tokens_per_step, tokens_per_step // (B * T * nproc), num_steps, sample_tokens)
+                tokenizer, tokens_per_step, grad_accum_steps, num_steps, sample_tokens)
 
 
 def main(argv=None):

@@ -21,8 +21,9 @@ def git(*args):
 def commit():
     """What the figures were measured on: the short commit, '+dirty' added when tracked or unignored
     files other than the records themselves (dev/bench/results/, which a run rewrites as it goes: a
-    bench of two models had made the second record dirty with the first) differ from it. From COMMIT_ENV when set, else from git when the repository is a checkout
-    of its own (not a copy inside some other one), else 'unknown'."""
+    bench of two models had made the second record dirty with the first) differ from it. From
+    COMMIT_ENV when set, else from git when the repository is a checkout of its own (not a copy
+    inside some other one), else 'unknown'."""
     if os.environ.get(COMMIT_ENV):
         return os.environ[COMMIT_ENV]
     try:
